@@ -1,0 +1,198 @@
+"""``params.yaml``: schema, validation and the parameters each pipeline stage injects.
+
+Each DVC stage runs ``python -m prelogit.params STAGE`` and then papermill with the file it
+writes. That first command checks every key the stage reads (presence, type, range) and stops
+with a message naming the key *before* any notebook or model starts; it then writes
+``results/STAGE/params.yaml``, flat and exactly matching the notebook's ``parameters`` cell: the
+stage's own section bare (``sigma``), shared sections prefixed (``model_name``), plus the paths the
+stage reads and writes. DVC lists the same sections under the stage's ``params``, so a changed
+``aisp.sigma`` re-runs aisp and figures and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checks import ParameterError, check_choice, check_number
+
+Check = Callable[[str, Any], None]
+
+
+def num(low=None, high=None, low_open=False, high_open=False) -> Check:
+    return lambda name, v: check_number(name, v, low=low, high=high, low_open=low_open, high_open=high_open)
+
+
+def integer(low=None, high=None) -> Check:
+    return lambda name, v: check_number(name, v, low=low, high=high, integer=True)
+
+
+def choice(*options: str) -> Check:
+    return lambda name, v: check_choice(name, v, options)
+
+
+def string(name: str, v: Any) -> None:
+    if not isinstance(v, str) or not v:
+        raise ParameterError(f"{name} must be a non-empty string, got {v!r}")
+
+
+def boolean(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ParameterError(f"{name} must be true or false, got {v!r}")
+
+
+def list_of(item: Check, min_len: int = 1) -> Check:
+    def check(name: str, v: Any) -> None:
+        if not isinstance(v, list) or len(v) < min_len:
+            raise ParameterError(f"{name} must be a list of at least {min_len} item(s), got {v!r}")
+        for i, x in enumerate(v):
+            item(f"{name}[{i}]", x)
+    return check
+
+
+def optional(inner: Check) -> Check:
+    return lambda name, v: None if v is None else inner(name, v)
+
+
+POS = num(0, low_open=True)
+UNIT = num(0, 1)
+SEED = integer(0)
+
+SCHEMA: dict[str, dict[str, Check]] = {
+    "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": string,
+              "cache_dir": string},
+    "generation": {"max_new_tokens": integer(1), "decode": choice("sample", "greedy"), "temperature": POS,
+                   "top_k": integer(0), "top_p": num(0, 1, low_open=True)},
+    "reward": {"kind": choice("embedded", "hf"), "name": optional(string), "dtype": choice("float32", "bfloat16", "float16")},
+    "prepare": {"seed": SEED, "source": choice("chitchat", "hh_rlhf", "shp"), "source_path": optional(string),
+                "n_train": integer(1), "n_val": integer(0), "n_test": integer(1), "max_prompt_tokens": integer(8),
+                "reward_utterances": integer(50), "reward_threshold": num(0, 1, low_open=True, high_open=True),
+                "reward_seed": SEED},
+    "bon": {"seed": SEED, "n_prompts": integer(1), "max_samples": integer(1), "budgets": list_of(integer(1)),
+            "batch_size": integer(1)},
+    "aisp": {"seed": SEED, "n_prompts": integer(1), "sigma": POS, "lam": POS, "lam_mode": choice("absolute", "std"),
+             "alpha": UNIT, "alpha_mode": choice("mppi", "step"), "n": integer(1), "K": integer(1),
+             "tau": integer(0), "B": integer(1), "final_rollout": boolean,
+             "sweep_prompts": integer(1), "sweep_sigma": list_of(POS, 0), "sweep_lam": list_of(POS, 0),
+             "sweep_alpha": list_of(UNIT, 0), "sweep_tau": list_of(integer(0), 0),
+             "sweep_nK": list_of(list_of(integer(1), 2), 0), "sweep_B": list_of(integer(1), 0),
+             "sweep_decode": list_of(choice("sample", "greedy"), 0)},
+    "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED},
+}
+
+#: Sections each stage reads (its own first) and the fixed paths it reads and writes.
+STAGES: dict[str, dict[str, Any]] = {
+    "prepare": {"sections": ["prepare", "model"], "paths": {}},
+    "bon": {"sections": ["bon", "model", "generation", "reward"],
+            "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                      "reward_head_path": "results/prepare/reward_head.safetensors"}},
+    "aisp": {"sections": ["aisp", "model", "generation", "reward"],
+             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                       "reward_head_path": "results/prepare/reward_head.safetensors"}},
+    "figures": {"sections": ["figures"],
+                "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp"}},
+}
+
+
+def load(path: str | Path = "params.yaml") -> dict:
+    """Read ``params.yaml``; a missing or malformed file gets a message saying what to fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ParameterError(f"{path} does not exist; run from the repository root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParameterError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ParameterError(f"{path} must be a mapping of sections (model, generation, ...), got {type(data).__name__}")
+    return data
+
+
+def validate_section(params: dict, section: str) -> dict:
+    """Check one section against :data:`SCHEMA`; return it. Errors name ``section.key``."""
+    if section not in params or not isinstance(params[section], dict):
+        raise ParameterError(f"params.yaml has no section {section!r}; add it (see the README's parameter table)")
+    values, schema = params[section], SCHEMA[section]
+    for key, check in schema.items():
+        if key not in values:
+            raise ParameterError(f"params.yaml: missing key {section}.{key}")
+        check(f"{section}.{key}", values[key])
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise ParameterError(f"params.yaml: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                             "remove them or add them to prelogit.params.SCHEMA and the notebook")
+    _cross_checks(section, values)
+    return values
+
+
+def _cross_checks(section: str, v: dict) -> None:
+    if section == "bon":
+        too_big = [b for b in v["budgets"] if b > v["max_samples"]]
+        if too_big:
+            raise ParameterError(f"bon.budgets {too_big} exceed bon.max_samples = {v['max_samples']}")
+    if section == "prepare" and v["source"] != "chitchat" and not v["source_path"]:
+        raise ParameterError(f"prepare.source_path must name the {v['source']} data file or hub id")
+    if section == "reward" and v["kind"] == "hf" and not v["name"]:
+        raise ParameterError("reward.name must name a sequence-classification reward model when reward.kind is hf")
+
+
+def stage_parameters(stage: str, params: dict) -> dict:
+    """The flat parameters papermill injects into ``notebooks/STAGE.ipynb``."""
+    if stage not in STAGES:
+        raise ParameterError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    spec = STAGES[stage]
+    out: dict[str, Any] = {}
+    for i, section in enumerate(spec["sections"]):
+        values = validate_section(params, section)
+        for key, value in values.items():
+            out[key if i == 0 else f"{section}_{key}"] = value
+    out.update(spec["paths"])
+    out["results_dir"] = f"results/{stage}"
+    return out
+
+
+def check_notebook(stage: str, namespace: dict) -> dict:
+    """Validate a notebook's parameters (run as a cell right after the ``parameters`` cell).
+
+    Papermill injects values after the ``parameters`` cell, so this sees what the run will use,
+    smoke configuration included, and stops it with a message naming the parameter.
+    """
+    spec = STAGES[stage]
+    nested: dict[str, dict] = {}
+    for i, section in enumerate(spec["sections"]):
+        nested[section] = {}
+        for key in SCHEMA[section]:
+            name = key if i == 0 else f"{section}_{key}"
+            if name not in namespace:
+                raise ParameterError(f"notebook parameter {name} (params.yaml {section}.{key}) is not set")
+            nested[section][key] = namespace[name]
+        validate_section(nested, section)
+    return nested
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Validate params.yaml for a stage and write its papermill parameters")
+    ap.add_argument("stage", choices=sorted(STAGES))
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default=None, help="default: results/STAGE/params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        flat = stage_parameters(args.stage, load(args.params))
+    except ParameterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .io import atomic_path
+
+    out = Path(args.out or f"results/{args.stage}/params.yaml")
+    with atomic_path(out) as tmp:
+        tmp.write_text(yaml.safe_dump(flat, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

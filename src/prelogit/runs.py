@@ -1,0 +1,125 @@
+"""Glue shared by the pipeline notebooks: prompts, the sampler and reward from parameters,
+judging, and the reward-vs-samples curves. Kept here so that the notebooks stay readable and
+every stage computes the same quantity the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .io import read_jsonl
+from .metrics import distinct_ngram_diversity, expected_best_of_n
+from .models import load_model
+from .rewards import build_judges, build_reward, MiniLMEncoder
+from .sampling import PrelogitSampler
+from .theory import kl_best_of_n
+
+
+def load_prompts(path: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
+    """Prompt records ({id, split, text, prompt}) of one split, in file order."""
+    rows = [r for r in read_jsonl(path) if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{path} has no prompts in split {split!r}; re-run the prepare stage")
+    return rows[:limit] if limit else rows
+
+
+def build_sampler(model_name: str, model_dtype: str, model_device: str, model_cache_dir: str,
+                  max_new_tokens: int, decode: str, temperature: float, top_k: int, top_p: float):
+    """Load the LM and wrap it in a :class:`PrelogitSampler`; returns (sampler, load seconds)."""
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_name, dtype=model_dtype, device=model_device, cache_dir=model_cache_dir)
+    sampler = PrelogitSampler(model, tokenizer, max_new_tokens=max_new_tokens, decode=decode,
+                              temperature=temperature, top_k=top_k, top_p=top_p)
+    return sampler, time.perf_counter() - t0
+
+
+def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, reward_head_path: str,
+                  device: str = "cpu"):
+    """The optimised reward and the held-out judges (which share the MiniLM encoder)."""
+    encoder = MiniLMEncoder(device=device)
+    if reward_kind == "embedded":
+        spec = {"kind": "embedded", "head": reward_head_path}
+    else:
+        spec = {"kind": reward_kind, "name": reward_name, "dtype": reward_dtype, "device": device}
+    return build_reward(spec, encoder=encoder, device=device), build_judges(encoder), encoder
+
+
+def judge_all(judges: dict, user_texts: list[str], responses: list[str]) -> dict[str, list[float]]:
+    """Every judge's score for each (prompt, response) pair."""
+    return {name: j.score(user_texts, responses).tolist() for name, j in judges.items()}
+
+
+def bon_curve(records: list[dict], budgets: list[int]) -> list[dict]:
+    """Best-of-N at each budget from the same draws, per prompt (unbiased order-statistics estimate).
+
+    For the reward and for each judge, the judge's score of the reward-selected sample.
+    """
+    rows = []
+    for N in budgets:
+        for rec in records:
+            r = torch.tensor(rec["rewards"])
+            row = {"N": N, "prompt_id": rec["prompt_id"], "reward": expected_best_of_n(r, N),
+                   "kl": kl_best_of_n(N)}
+            for name, vals in rec["judges"].items():
+                row[name] = expected_best_of_n(r, N, torch.tensor(vals))
+            rows.append(row)
+    return rows
+
+
+def aisp_curve(records: list[dict]) -> list[dict]:
+    """AISP's best-so-far after each iteration, per prompt: budget N = B * n * k."""
+    rows = []
+    for rec in records:
+        for it, judged in zip(rec["iterations"], rec["best_so_far_judges"]):
+            row = {"N": it["samples_so_far"], "prompt_id": rec["prompt_id"], "reward": it["best_so_far"]["reward"],
+                   "kl": float(sum(it["kl"]) / len(it["kl"]))}
+            row.update(judged)
+            rows.append(row)
+    return rows
+
+
+def mean_by(rows: list[dict], key: str, value: str) -> dict:
+    """Mean of ``value`` grouped by ``key``."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r[key], []).append(r[value])
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def progress(iterable, **kw):
+    """tqdm that shows in notebooks and terminals alike."""
+    return tqdm(iterable, **kw)
+
+
+__all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "bon_curve", "aisp_curve", "mean_by",
+           "progress", "distinct_ngram_diversity"]
+
+
+def sweep_configs(base, sweep_sigma=(), sweep_lam=(), sweep_alpha=(), sweep_tau=(), sweep_nK=(), sweep_B=(),
+                  sweep_decode=()) -> list[dict]:
+    """One-at-a-time variations of the AISP config ``base`` at the same budget B * n * K.
+
+    Each entry is {"param", "value", "config", "decode"}; alpha values run under both
+    alpha_modes, B values keep B * n fixed (n = n * base.B / B), n x K splits keep n * K fixed.
+    """
+    from dataclasses import replace
+
+    budget = base.budget
+    out = [{"param": "sigma", "value": v, "config": replace(base, sigma=v)} for v in sweep_sigma]
+    out += [{"param": "lam", "value": v, "config": replace(base, lam=v)} for v in sweep_lam]
+    out += [{"param": f"alpha ({mode})", "value": v, "config": replace(base, alpha=v, alpha_mode=mode)}
+            for mode in ("mppi", "step") for v in sweep_alpha]
+    out += [{"param": "tau", "value": v, "config": replace(base, tau=v)} for v in sweep_tau]
+    out += [{"param": "n x K", "value": f"{n}x{K}", "config": replace(base, n=n, K=K)} for n, K in sweep_nK]
+    out += [{"param": "B", "value": b, "config": replace(base, B=b, n=max(1, base.n * base.B // b))} for b in sweep_B]
+    out += [{"param": "decode", "value": v, "config": base, "decode": v} for v in sweep_decode]
+    for e in out:
+        e.setdefault("decode", None)
+        if e["config"].budget != budget:
+            raise ValueError(f"sweep {e['param']} = {e['value']} changes the budget ({e['config'].budget} != {budget}); "
+                             "choose n x K splits and B values that keep B * n * K fixed")
+    return out
