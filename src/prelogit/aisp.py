@@ -12,14 +12,14 @@ curve at budgets N = B * n * k.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .checks import check_aisp_params, check_choice, check_number
 from .control import effective_sample_size, importance_weights, update_mean
-from .rewards import RewardModel, check_scores
+from .metrics import CostMeter
+from .rewards import RewardModel
 from .sampling import PrelogitSampler
 from .theory import kl_to_base
 
@@ -65,29 +65,6 @@ def prompt_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
 
-def _score(reward: RewardModel, user_text: str, texts: list[str], meter: dict) -> torch.Tensor:
-    t0 = time.perf_counter()
-    r = check_scores(reward.score([user_text] * len(texts), texts), len(texts), getattr(reward, "name", "reward"))
-    meter["time_reward_s"] += time.perf_counter() - t0
-    meter["reward_calls"] += len(texts)
-    return r
-
-
-def _generate(sampler: PrelogitSampler, prompt: str, n: int, meter: dict, **kw):
-    t0 = time.perf_counter()
-    g = sampler.generate(prompt, n, **kw)
-    meter["time_generation_s"] += time.perf_counter() - t0
-    meter["forward_calls"] += g.forward_calls
-    meter["new_tokens"] += g.new_tokens
-    meter["generations"] += n
-    return g
-
-
-def _new_meter() -> dict:
-    return {"forward_calls": 0, "new_tokens": 0, "generations": 0, "reward_calls": 0,
-            "time_generation_s": 0.0, "time_reward_s": 0.0}
-
-
 def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, cfg: AISPConfig,
              generator: torch.Generator, decode: str | None = None) -> dict:
     """AISP on one prompt.
@@ -104,16 +81,16 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
         the responses, and the best-so-far), ``final_rollout`` (per chain) and the cost counters.
     """
     B, n, tau, d = cfg.B, cfg.n, cfg.tau, sampler.d
-    meter = _new_meter()
+    meter = CostMeter()
     U = torch.zeros(B, tau, d)
     best = {"reward": float("-inf"), "response": None, "iteration": None, "chain": None}
     iterations = []
     for k in range(1, cfg.K + 1):
         eps = torch.randn(B, n, tau, d, generator=generator) * cfg.sigma
         V = U[:, None] + eps  # (B, n, tau, d)
-        g = _generate(sampler, prompt, B * n, meter, control=V.reshape(B * n, tau, d), generator=generator,
+        g = meter.generate(sampler, prompt, B * n, control=V.reshape(B * n, tau, d), generator=generator,
                       decode=decode)
-        r = _score(reward, user_text, g.texts, meter).view(B, n)
+        r = meter.score(reward, user_text, g.texts).view(B, n)
         i_best = int(torch.argmax(r.view(-1)))
         if float(r.view(-1)[i_best]) > best["reward"]:
             best = {"reward": float(r.view(-1)[i_best]), "response": g.texts[i_best], "iteration": k,
@@ -133,12 +110,12 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
         iterations.append(rec)
     final = None
     if cfg.final_rollout:
-        g = _generate(sampler, prompt, B, meter, control=U, generator=generator, decode=decode)
-        rf = _score(reward, user_text, g.texts, meter)
+        g = meter.generate(sampler, prompt, B, control=U, generator=generator, decode=decode)
+        rf = meter.score(reward, user_text, g.texts)
         final = {"responses": g.texts, "rewards": rf.tolist()}
     return {"method": "aisp", "config": asdict(cfg), "samples_used": cfg.budget, "best": best,
             "iterations": iterations, "final_rollout": final, "kl_final": [float(kl_to_base(U[b], cfg.sigma)) for b in range(B)],
-            "cost": meter}
+            "cost": meter.as_dict()}
 
 
 def run_best_of_n(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, N: int,
@@ -152,15 +129,15 @@ def run_best_of_n(sampler: PrelogitSampler, reward: RewardModel, prompt: str, us
     check_number("N", N, low=1, integer=True)
     batch_size = batch_size or N
     check_number("batch_size", batch_size, low=1, integer=True)
-    meter = _new_meter()
+    meter = CostMeter()
     texts, lengths, rewards = [], [], []
     for start in range(0, N, batch_size):
         m = min(batch_size, N - start)
-        g = _generate(sampler, prompt, m, meter, generator=generator)
-        rewards.append(_score(reward, user_text, g.texts, meter))
+        g = meter.generate(sampler, prompt, m, generator=generator)
+        rewards.append(meter.score(reward, user_text, g.texts))
         texts += g.texts
         lengths += g.lengths.tolist()
     r = torch.cat(rewards)
     i = int(torch.argmax(r))
     return {"method": "bon", "N": N, "samples_used": N, "rewards": r.tolist(), "responses": texts,
-            "lengths": lengths, "best": {"reward": float(r[i]), "response": texts[i], "index": i}, "cost": meter}
+            "lengths": lengths, "best": {"reward": float(r[i]), "response": texts[i], "index": i}, "cost": meter.as_dict()}

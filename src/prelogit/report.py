@@ -79,7 +79,7 @@ def render_readme_block(results: str | Path = "results") -> str:
     lines.append("")
     for N, d in sorted(fig["paired"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"- AISP minus best-of-N at N = {N}: {_fmt(d['mean'])} [{_fmt(d['lo'])}, {_fmt(d['hi'])}], "
-                     f"AISP higher on {d['share_a_better']:.0%} of prompts.")
+                     f"AISP higher on {d['share_a_greater']:.0%} of prompts.")
     lines.append(f"- Base model: mean reward {_fmt(fig['base_reward_mean'])}, within-prompt std "
                  f"{fig['base_reward_std']:.2f}; best-of-{fig['max_bon']} reaches {_fmt(fig['bon_at_max'])}.")
     lines.append("")

@@ -1,0 +1,335 @@
+"""RE-Control (Kong et al., NeurIPS 2024): gradient ascent on a learned value of the pre-logit.
+
+1. Data: the base model answers training prompts; every generated token's pre-logit z_t (the
+   input of the LM head) is kept, and each response is scored once by the reward model.
+2. Value function: an MLP V(z) trained with the Bellman-style loss of the official code, per
+   response with pre-logits z_0..z_{L-1} and reward r:
+
+       loss = [ sum_{t < L-1} (V(z_t) - sg V(z_{t+1}))^2 + (V(z_{L-1}) - r)^2 ] / batch size
+
+   (sg = stop-gradient: each prediction regresses on the next one, the last on the reward).
+3. Decoding: at every step the pre-logit is moved by ``n_steps`` steps of plain gradient ascent,
+   z <- z + step_size * grad V(z), then the next token is the argmax of the LM head at the moved
+   pre-logit. The change never enters the KV cache (the pre-logit is the head's input).
+
+Where this differs from the official code (github.com/Lingkai-Kong/RE-Control), deliberately:
+its training step does not detach V(z_{t+1}) (its evaluation step does; we detach in both, the TD
+reading the paper describes), and it picks the "last" position with ``mask.argmax``, which is the
+first valid position; we use the actual last token. Its training script builds a 2-hidden-layer
+MLP while its inference script loads a 1-hidden-layer one; ``layers`` selects either.
+Units: z in pre-logit units (the LM head's input); V and rewards in reward units; ``step_size``
+in pre-logit units per (reward unit per pre-logit unit), i.e. the SGD learning rate on z.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checks import ParameterError, check_number
+from .io import atomic_path
+from .metrics import CostMeter
+from .sampling import Generation, PrelogitSampler
+
+#: A value function: pre-logits (b, d) float32 -> values (b,).
+ValueFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ValueMLP(nn.Module):
+    """V(z): ``layers`` hidden ReLU layers of width ``hidden`` (default d), then a scalar output.
+
+    Input (..., d) float32 pre-logits; output (...) values in reward units. ``layers = 0`` is a
+    linear value function.
+    """
+
+    def __init__(self, d: int, hidden: int | None = None, layers: int = 2):
+        super().__init__()
+        check_number("d", d, low=1, integer=True)
+        hidden = d if hidden is None else hidden
+        check_number("hidden", hidden, low=1, integer=True)
+        check_number("layers", layers, low=0, integer=True)
+        self.d, self.hidden, self.layers = d, hidden, layers
+        dims = [d] + [hidden] * layers
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        mods.append(nn.Linear(dims[-1], 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(-1)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+@dataclass
+class ValueDataset:
+    """Base-model responses with their pre-logits and rewards.
+
+    prelogits: (N, T, d) float32, zero after each response's end. lengths: (N,) tokens per
+    response (EOS included), >= 1. rewards: (N,) float32. prompt_index: (N,) which prompt each
+    response answers. texts: the N responses. cost: generation and reward spent collecting them.
+    """
+
+    prelogits: torch.Tensor
+    lengths: torch.Tensor
+    rewards: torch.Tensor
+    prompt_index: torch.Tensor
+    texts: list[str]
+    cost: CostMeter = field(default_factory=CostMeter)
+
+    def __len__(self) -> int:
+        return self.prelogits.shape[0]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(N, T) True at valid positions."""
+        return torch.arange(self.prelogits.shape[1])[None, :] < self.lengths[:, None]
+
+    def subset(self, idx: torch.Tensor) -> ValueDataset:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ValueDataset(self.prelogits[idx], self.lengths[idx], self.rewards[idx], self.prompt_index[idx],
+                            [self.texts[i] for i in idx.tolist()], CostMeter())
+
+
+def collect_training_data(sampler: PrelogitSampler, prompts: Sequence[str], user_texts: Sequence[str], reward,
+                          samples_per_prompt: int, generator: torch.Generator | None = None,
+                          max_new_tokens: int | None = None) -> ValueDataset:
+    """Sample ``samples_per_prompt`` responses per prompt from the base model and label them.
+
+    Args:
+        sampler: generates with its own decode settings (the official code samples at
+            temperature 0.7, top-k 50, top-p 0.95); records the unperturbed pre-logits.
+        prompts: templated prompts; user_texts: the raw user turns the reward sees, same order.
+        reward: ``score(prompts, responses) -> (n,)``; called once per prompt on all its samples.
+        samples_per_prompt: responses per prompt, >= 1.
+        generator: RNG for token sampling.
+        max_new_tokens: overrides the sampler's.
+    """
+    if isinstance(prompts, str) or isinstance(user_texts, str):
+        raise ParameterError("prompts and user_texts must be lists of strings, not a single string")
+    if len(prompts) == 0 or len(prompts) != len(user_texts):
+        raise ParameterError(f"prompts and user_texts must be non-empty and of equal length, got "
+                             f"{len(prompts)} and {len(user_texts)}")
+    check_number("samples_per_prompt", samples_per_prompt, low=1, integer=True)
+    meter = CostMeter()
+    parts, lengths, rewards, index, texts = [], [], [], [], []
+    for i, (prompt, user) in enumerate(zip(prompts, user_texts)):
+        g = meter.generate(sampler, prompt, samples_per_prompt, generator=generator,
+                           max_new_tokens=max_new_tokens, record_prelogits=True)
+        rewards.append(meter.score(reward, user, g.texts))
+        parts.append(g.prelogits)
+        lengths.append(g.lengths)
+        index.append(torch.full((samples_per_prompt,), i, dtype=torch.long))
+        texts += g.texts
+    T = max(p.shape[1] for p in parts)
+    z = torch.cat([nn.functional.pad(p, (0, 0, 0, T - p.shape[1])) for p in parts])
+    return ValueDataset(prelogits=z, lengths=torch.cat(lengths), rewards=torch.cat(rewards),
+                        prompt_index=torch.cat(index), texts=texts, cost=meter)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def value_loss(value_fn: ValueFn, z: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The TD loss of the module docstring for a batch: z (B, T, d), lengths (B,), rewards (B,); a scalar.
+
+    Sums squared errors over tokens and divides by the batch size, as the official code does, so
+    a response contributes in proportion to its length.
+    """
+    B, T, _ = z.shape
+    v = value_fn(z)  # (B, T)
+    valid = torch.arange(T, device=z.device)[None, :] < lengths[:, None]
+    pair = valid[:, :-1] & valid[:, 1:]
+    td = ((v[:, :-1] - v[:, 1:].detach()) ** 2)[pair].sum()
+    last = v[torch.arange(B, device=z.device), lengths - 1]
+    return (td + ((last - rewards) ** 2).sum()) / B
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+@torch.no_grad()
+def _evaluate(mlp: ValueMLP, data: ValueDataset) -> dict:
+    v = mlp(data.prelogits)
+    rows = torch.arange(len(data))
+    last, first = v[rows, data.lengths - 1], v[:, 0]
+    return {"loss": float(value_loss(mlp, data.prelogits, data.lengths, data.rewards)),
+            "corr_last": _pearson(last, data.rewards), "corr_first": _pearson(first, data.rewards),
+            "rmse_last": float(((last - data.rewards) ** 2).mean().sqrt())}
+
+
+def train_value(dataset: ValueDataset, d: int, epochs: int = 50, lr: float = 1e-3, batch_size: int = 64,
+                seed: int = 0, hidden: int | None = None, layers: int = 2, holdout: float = 0.2,
+                weight_decay: float = 0.0) -> tuple[ValueMLP, dict]:
+    """Train a :class:`ValueMLP` on ``dataset`` with Adam; deterministic for a seed.
+
+    Args:
+        dataset: from :func:`collect_training_data`.
+        d: pre-logit dimension (must match the dataset).
+        epochs, lr, batch_size: Adam on the TD loss (official code: 100 epochs, lr 1e-4, batch
+            512 on ~10^5 responses; smaller data wants a larger lr).
+        seed: fixes the initialisation, the held-out split and the batch order.
+        hidden, layers: see :class:`ValueMLP`.
+        holdout: share of the *prompts* held out for evaluation (whole prompts, so the held-out
+            correlation measures generalisation to new prompts); 0 disables it.
+        weight_decay: Adam's L2 penalty.
+    Returns:
+        ``(mlp, metrics)``; the MLP is in eval mode on the CPU. metrics: ``loss_history`` (mean
+        batch loss per epoch), ``first_loss``, ``final_loss``, ``train_s`` (seconds), sizes, and
+        for the train and held-out parts the loss, the RMSE and the Pearson correlation with the
+        reward of V at the last token (``*_corr_last``) and at the first token (``*_corr_first``).
+        The first pre-logit depends only on the prompt, so ``*_corr_first`` is NaN when that part
+        holds a single prompt.
+    """
+    check_number("d", d, low=1, integer=True)
+    if dataset.prelogits.dim() != 3 or dataset.prelogits.shape[2] != d:
+        raise ParameterError(f"dataset pre-logits must have shape (N, T, d={d}), got {tuple(dataset.prelogits.shape)}")
+    check_number("epochs", epochs, low=1, integer=True)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("seed", seed, low=0, integer=True)
+    check_number("holdout", holdout, low=0, high=1, high_open=True)
+    check_number("weight_decay", weight_decay, low=0)
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.unique(dataset.prompt_index)
+    n_hold = 0
+    if holdout > 0:
+        if len(prompts) < 2:
+            raise ParameterError(f"holdout > 0 needs at least 2 prompts in the dataset, got {len(prompts)}; "
+                                 "use holdout=0 or collect more prompts")
+        n_hold = min(len(prompts) - 1, max(1, round(holdout * len(prompts))))
+    held = prompts[torch.randperm(len(prompts), generator=gen)[:n_hold]]
+    is_held = torch.isin(dataset.prompt_index, held)
+    train = dataset.subset(torch.nonzero(~is_held).squeeze(1))
+    test = dataset.subset(torch.nonzero(is_held).squeeze(1)) if n_hold else None
+
+    # Seed the initialisation without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mlp = ValueMLP(d, hidden, layers)
+    opt = torch.optim.Adam(mlp.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    t0 = time.perf_counter()
+    mlp.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        total, batches = 0.0, 0
+        for start in range(0, len(train), batch_size):
+            b = perm[start:start + batch_size]
+            loss = value_loss(mlp, train.prelogits[b], train.lengths[b], train.rewards[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        history.append(total / batches)
+    train_s = time.perf_counter() - t0
+    mlp.eval()
+
+    metrics: dict = {"loss_history": history, "first_loss": history[0], "final_loss": history[-1],
+                     "train_s": train_s, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                     "hidden": mlp.hidden, "layers": layers, "n_train": len(train),
+                     "n_heldout": 0 if test is None else len(test), "n_heldout_prompts": n_hold,
+                     "reward_std": float(dataset.rewards.std()) if len(dataset) > 1 else float("nan")}
+    metrics.update({f"train_{k}": v for k, v in _evaluate(mlp, train).items()})
+    held_metrics = _evaluate(mlp, test) if test is not None else dict.fromkeys(
+        ("loss", "corr_last", "corr_first", "rmse_last"), float("nan"))
+    metrics.update({f"heldout_{k}": v for k, v in held_metrics.items()})
+    return mlp, metrics
+
+
+# ---- decoding ---------------------------------------------------------------------------------
+
+def value_ascent(value_fn: ValueFn, z: torch.Tensor, step_size: float, n_steps: int) -> torch.Tensor:
+    """``n_steps`` of z <- z + step_size * grad V(z), row by row; returns z' with the dtype of z.
+
+    z: (b, d). The ascent runs in float32 on a detached copy with gradients enabled, so it works
+    inside the sampler's ``torch.no_grad``; gradients w.r.t. the value function's parameters are
+    not accumulated. With n_steps = 0, z comes back unchanged (through the same casts).
+    """
+    check_number("step_size", step_size, low=0)
+    check_number("n_steps", n_steps, low=0, integer=True)
+    x = z.detach().to(torch.float32).clone()
+    with torch.enable_grad():
+        for _ in range(n_steps):
+            x.requires_grad_(True)
+            (grad,) = torch.autograd.grad(value_fn(x).sum(), x)
+            x = (x + step_size * grad).detach()
+    return x.to(z.dtype)
+
+
+def recontrol_generate(sampler: PrelogitSampler, prompt, value_fn: ValueFn, step_size: float = 0.5,
+                       n_steps: int = 30, max_new_tokens: int | None = None) -> Generation:
+    """One greedy response with RE-Control's gradient ascent on every generated token's pre-logit.
+
+    Args:
+        sampler: the pre-logit sampler of the base model.
+        prompt: templated prompt text or token ids.
+        value_fn: V, pre-logits (b, d) float32 -> (b,), e.g. a trained :class:`ValueMLP` (put it
+            on the sampler's device).
+        step_size: gradient-ascent step (official code: 0.5-1.0), >= 0.
+        n_steps: ascent steps per token (official code: 30), >= 0; 0 gives plain greedy decoding.
+        max_new_tokens: overrides the sampler's.
+    Returns:
+        The :class:`Generation`; ``meta`` holds ``value_grad_steps`` (total gradient evaluations
+        of V), and ``value_before`` / ``value_after`` (per generated token, V at the original and
+        at the moved pre-logit).
+    """
+    check_number("step_size", step_size, low=0)
+    check_number("n_steps", n_steps, low=0, integer=True)
+    if isinstance(value_fn, nn.Module):
+        value_fn.eval()
+    before: list[float] = []
+    after: list[float] = []
+
+    def fn(z: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+        moved = value_ascent(value_fn, z, step_size, n_steps)
+        with torch.no_grad():
+            before.append(float(value_fn(z.float())[0]))
+            after.append(float(value_fn(moved.float())[0]))
+        return moved
+
+    gen = sampler.generate(prompt, 1, prelogit_fn=fn, decode="greedy", max_new_tokens=max_new_tokens)
+    gen.meta.update({"value_grad_steps": n_steps * len(before), "value_before": before, "value_after": after,
+                     "step_size": step_size, "n_steps": n_steps})
+    return gen
+
+
+# ---- persistence ------------------------------------------------------------------------------
+
+def save_value(mlp: ValueMLP, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write the MLP's weights and shape as safetensors, atomically; ``metadata`` values become strings."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mlp.state_dict().items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update({"kind": "recontrol-value-mlp", "d": str(mlp.d), "hidden": str(mlp.hidden), "layers": str(mlp.layers)})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_value(path: str | os.PathLike, device: str = "cpu") -> ValueMLP:
+    """Read a :class:`ValueMLP` written by :func:`save_value`; in eval mode on ``device``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"value function {path} does not exist; train it first (train_value, save_value)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != "recontrol-value-mlp":
+        raise ParameterError(f"{path} is not a RE-Control value function (metadata kind {meta.get('kind')!r})")
+    mlp = ValueMLP(int(meta["d"]), int(meta["hidden"]), int(meta["layers"]))
+    mlp.load_state_dict(load_file(str(path)))
+    return mlp.to(device).eval()

@@ -1,0 +1,119 @@
+"""AISP and best-of-N drivers on a tiny model with a simple, real text reward."""
+
+import math
+
+import pytest
+import torch
+
+from prelogit.aisp import AISPConfig, prompt_generator, run_aisp, run_best_of_n
+from prelogit.checks import ParameterError
+from prelogit.rewards import RewardError
+from prelogit.sampling import PrelogitSampler
+
+
+class VowelShare:
+    """Reward = share of vowels among the letters of the response (0 for no letters)."""
+
+    name = "vowel-share"
+
+    def score(self, prompts, responses):
+        out = []
+        for r in responses:
+            letters = [c for c in r.lower() if c.isalpha()]
+            out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
+        return torch.tensor(out)
+
+
+class Broken:
+    name = "broken"
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def score(self, prompts, responses):
+        if self.kind == "nan":
+            return torch.full((len(responses),), float("nan"))
+        return torch.zeros(len(responses) + 1)
+
+
+@pytest.fixture()
+def sampler(tiny_lm, tokenizer):
+    return PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=6)
+
+
+PROMPT = "Hello there, how are you?"
+
+
+@pytest.mark.parametrize("field, value", [("sigma", 0.0), ("lam", -1.0), ("alpha", 1.5), ("alpha_mode", "newton"),
+                                          ("n", 0), ("K", 0), ("tau", -1), ("B", 0), ("lam_mode", "relative")])
+def test_config_rejects_bad_values_naming_the_parameter(field, value):
+    with pytest.raises(ParameterError, match=field):
+        AISPConfig(**{field: value})
+
+
+def test_aisp_record_is_consistent(sampler):
+    cfg = AISPConfig(sigma=0.5, lam=0.05, n=4, K=3, tau=3)
+    rec = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(0, 0))
+    assert rec["samples_used"] == 12 and len(rec["iterations"]) == 3
+    bests = [it["best_so_far"]["reward"] for it in rec["iterations"]]
+    assert bests == sorted(bests) and rec["best"]["reward"] == bests[-1]
+    all_rewards = [r for it in rec["iterations"] for r in it["rewards"][0]]
+    assert rec["best"]["reward"] == max(all_rewards)
+    for it in rec["iterations"]:
+        w = torch.tensor(it["weights"][0])
+        assert w.shape == (4,) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-5)
+        assert 1 - 1e-9 <= it["ess"][0] <= 4 + 1e-9
+        assert math.isclose(it["kl"][0], it["U_norm"][0] ** 2 / (2 * 0.5**2), rel_tol=1e-4)
+    assert rec["cost"]["generations"] == 12 + 1 and rec["cost"]["reward_calls"] == 13  # + final rollout
+    assert len(rec["final_rollout"]["responses"]) == 1
+
+
+def test_aisp_is_deterministic_for_a_seed(sampler):
+    cfg = AISPConfig(n=3, K=2, tau=2)
+    a = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(5, 1))
+    b = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(5, 1))
+    c = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(6, 1))
+    assert a["iterations"] == b["iterations"] and a["iterations"] != c["iterations"]
+
+
+def test_one_iteration_without_control_is_best_of_n_on_the_same_samples(sampler):
+    """K = 1 and tau = 0: AISP draws the very samples best-of-N draws and picks the same answer."""
+    cfg = AISPConfig(n=5, K=1, tau=0, final_rollout=False)
+    a = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(3, 0))
+    b = run_best_of_n(sampler, VowelShare(), PROMPT, PROMPT, 5, prompt_generator(3, 0))
+    assert a["iterations"][0]["responses"] == b["responses"]
+    assert a["best"]["response"] == b["best"]["response"] and a["best"]["reward"] == b["best"]["reward"]
+
+
+def test_small_lambda_moves_the_mean_onto_the_best_sample(sampler):
+    """lam -> 0 under exact weights: U becomes the control input of the best sample (mppi, alpha = 0)."""
+    cfg = AISPConfig(sigma=0.3, lam=1e-6, n=4, K=1, tau=2, final_rollout=False)
+    rec = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(2, 0))
+    w = torch.tensor(rec["iterations"][0]["weights"][0])
+    r = torch.tensor(rec["iterations"][0]["rewards"][0])
+    assert (r == r.max()).sum() == 1, "this seed must give a unique best sample"
+    assert float(w.max()) > 0.999 and int(w.argmax()) == int(r.argmax())
+
+
+def test_batched_chains(sampler):
+    cfg = AISPConfig(n=2, K=2, tau=2, B=3)
+    rec = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(0, 0))
+    assert rec["samples_used"] == 12
+    it = rec["iterations"][0]
+    assert len(it["rewards"]) == 3 and len(it["weights"]) == 3 and len(it["responses"]) == 6
+    assert len(rec["final_rollout"]["responses"]) == 3 and len(rec["kl_final"]) == 3
+    assert rec["iterations"][-1]["samples_so_far"] == 12
+
+
+@pytest.mark.parametrize("kind, match", [("nan", "NaN"), ("shape", "shape")])
+def test_bad_rewards_stop_the_run(sampler, kind, match):
+    with pytest.raises(RewardError, match=match):
+        run_aisp(sampler, Broken(kind), PROMPT, PROMPT, AISPConfig(n=2, K=1, tau=1), prompt_generator(0, 0))
+    with pytest.raises(RewardError, match=match):
+        run_best_of_n(sampler, Broken(kind), PROMPT, PROMPT, 2, prompt_generator(0, 0))
+
+
+def test_best_of_n_batches_give_the_same_accounting(sampler):
+    rec = run_best_of_n(sampler, VowelShare(), PROMPT, PROMPT, 6, prompt_generator(0, 0), batch_size=4)
+    assert len(rec["rewards"]) == 6 and rec["cost"]["generations"] == 6 and rec["cost"]["reward_calls"] == 6
+    assert rec["best"]["reward"] == max(rec["rewards"])
