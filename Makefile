@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast readme clean-smoke
+.PHONY: setup repro test test-fast readme clean-smoke paper
 
 $(BIN)/.installed: pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ readme: setup
 
 clean-smoke:
 	rm -rf results/_smoke
+
+# The paper's scale (needs a CUDA GPU and hub access; checks both first, see params-paper.yaml).
+paper: setup
+	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m prelogit.paper
