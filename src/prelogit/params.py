@@ -82,6 +82,15 @@ SCHEMA: dict[str, dict[str, Check]] = {
              "sweep_alpha": list_of(UNIT, 0), "sweep_tau": list_of(integer(0), 0),
              "sweep_nK": list_of(list_of(integer(1), 2), 0), "sweep_B": list_of(integer(1), 0),
              "sweep_decode": list_of(choice("sample", "greedy"), 0)},
+    "theory": {"seed": SEED, "false_alarm": num(0, 1, low_open=True, high_open=True), "sigma": POS, "lam": POS,
+               "kappa": POS, "offset": num(0), "quad_curvatures": list_of(num(0)), "dims": list_of(integer(1)),
+               "n_grid": list_of(integer(2), 2), "n_seeds": integer(2), "iter_dim": integer(1), "iter_n": integer(2),
+               "K": integer(1), "alphas": list_of(num(0, 1, high_open=True)), "kl_samples": integer(10),
+               "lam_ratios": list_of(POS), "ess_n": integer(2), "ess_dims": list_of(integer(1)), "ess_shift": num(0),
+               "ess_curvature": num(0), "gauss_split": choice("train", "val", "test"), "gauss_prompts": integer(1),
+               "gauss_samples": integer(1), "gauss_max_new_tokens": integer(1),
+               "gauss_level": num(0, 1, low_open=True, high_open=True), "gauss_qq_dims": integer(1),
+               "gauss_sigmas": list_of(POS)},
     "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED},
 }
 
@@ -94,6 +103,7 @@ STAGES: dict[str, dict[str, Any]] = {
     "aisp": {"sections": ["aisp", "model", "generation", "reward"],
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                        "reward_head_path": "results/prepare/reward_head.safetensors"}},
+    "theory": {"sections": ["theory", "model"], "paths": {"prompts_path": "results/prepare/prompts.jsonl"}},
     "figures": {"sections": ["figures"],
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp"}},
 }
