@@ -91,6 +91,10 @@ SCHEMA: dict[str, dict[str, Check]] = {
                "gauss_samples": integer(1), "gauss_max_new_tokens": integer(1),
                "gauss_level": num(0, 1, low_open=True, high_open=True), "gauss_qq_dims": integer(1),
                "gauss_sigmas": list_of(POS)},
+    "args": {"seed": SEED, "n_prompts": integer(1), "k": integer(1), "w": num(0), "decode": choice("greedy", "sample")},
+    "recontrol": {"seed": SEED, "n_prompts": integer(1), "train_prompts": integer(2), "samples_per_prompt": integer(1),
+                  "holdout": num(0, 1, high_open=True), "epochs": integer(1), "lr": POS, "batch_size": integer(1),
+                  "hidden": integer(1), "layers": integer(1), "step_size": num(0), "n_steps": integer(0)},
     "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED},
 }
 
@@ -104,8 +108,15 @@ STAGES: dict[str, dict[str, Any]] = {
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                        "reward_head_path": "results/prepare/reward_head.safetensors"}},
     "theory": {"sections": ["theory", "model"], "paths": {"prompts_path": "results/prepare/prompts.jsonl"}},
+    "args": {"sections": ["args", "model", "generation", "reward"],
+             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                       "reward_head_path": "results/prepare/reward_head.safetensors"}},
+    "recontrol": {"sections": ["recontrol", "model", "generation", "reward"],
+                  "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                            "reward_head_path": "results/prepare/reward_head.safetensors"}},
     "figures": {"sections": ["figures"],
-                "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp"}},
+                "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
+                          "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol"}},
 }
 
 

@@ -70,18 +70,32 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"reward = MiniLM sentiment-head logit (held-out accuracy of the head: "
                  f"{fig['reward_head_accuracy']:.3f}).")
     lines.append("")
-    lines.append("| method | N | reward (mean, 95% CI) | VADER (held out) | relevance (held out) | diversity | KL bound |")
-    lines.append("|---|---:|---|---:|---:|---:|---:|")
+    lines.append("| method | N | reward (mean, 95% CI) | VADER (held out) | relevance (held out) | diversity | KL | LLM passes / prompt | reward calls / prompt |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in fig["table"]:
-        lines.append(f"| {row['method']} | {row['N']} | {_fmt(row['reward'])} [{_fmt(row['lo'])}, {_fmt(row['hi'])}] | "
+        lines.append(f"| {row['method']} | {row['N'] or '-'} | {_fmt(row['reward'])} [{_fmt(row['lo'])}, {_fmt(row['hi'])}] | "
                      f"{_fmt(row['vader'])} | {row['relevance']:.3f} | {row['diversity']:.3f} | "
-                     + (f"{row['kl']:.2f} |" if row.get("kl") is not None else "n/a |"))
+                     + (f"{row['kl']:.2f}" if row.get("kl") is not None else "n/a")
+                     + f" | {row['forward_calls']:.0f} | {row['reward_calls']:.0f} |")
     lines.append("")
     for N, d in sorted(fig["paired"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"- AISP minus best-of-N at N = {N}: {_fmt(d['mean'])} [{_fmt(d['lo'])}, {_fmt(d['hi'])}], "
                      f"AISP higher on {d['share_a_greater']:.0%} of prompts.")
+    for name, d in fig["paired_baselines"].items():
+        lines.append(f"- AISP (N = {fig['aisp_budget']}) minus {name}: {_fmt(d['mean'])} [{_fmt(d['lo'])}, {_fmt(d['hi'])}], "
+                     f"AISP higher on {d['share_a_greater']:.0%} of prompts.")
     lines.append(f"- Base model: mean reward {_fmt(fig['base_reward_mean'])}, within-prompt std "
                  f"{fig['base_reward_std']:.2f}; best-of-{fig['max_bon']} reaches {_fmt(fig['bon_at_max'])}.")
+    lines.append(f"- AISP's sigma = {fig['aisp_sigma']} is {fig['aisp_sigma_over_rms']:.2f} times the RMS of SmolLM2's "
+                 f"pre-logits ({fig['prelogit_rms']:.2f} per dimension). Mean effective sample size "
+                 f"{fig['aisp_ess_mean']:.2f} of n = {fig['aisp_n']}; KL(Q_U||P) of the final mean {fig['aisp_kl_final']:.0f} nats.")
+    lines.append(f"- Wall clock per prompt: AISP {fig['aisp_seconds_per_prompt']:.1f} s (K sequential rounds), "
+                 f"best-of-{fig['max_bon']} {fig['bon_seconds_per_prompt']:.1f} s (one batch).")
+    th = fig["theory"]
+    lines.append(f"- Theory: {th['n_checks'] - th['n_failed']} of {th['n_checks']} closed-form checks pass. Pre-logits: "
+                 f"{th['gauss_share_pass']:.0%} of dimensions pass a per-dimension normality test at level {th['gauss_level']} "
+                 f"({th['gauss_share_pass_bonferroni']:.0%} after Bonferroni), mean excess kurtosis "
+                 f"{th['gauss_mean_excess_kurtosis']:.2f}; importance sampling's ESS halves at D = {th['ess_dim_at_half']:.0f}.")
     lines.append("")
     lines.append("Measured stage times on this machine (seconds, from the stages' metrics files):")
     lines.append("")
