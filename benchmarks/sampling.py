@@ -41,15 +41,17 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--cache-dir", default="models")
     ap.add_argument("--n", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sigma", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (see prelogit.runs.set_threads)")
     ap.add_argument("--out", default="results/benchmarks/sampling.json")
     args = ap.parse_args()
 
+    torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir)
     sampler = PrelogitSampler(model, tok, max_new_tokens=args.tokens)
     sampler.eos_ids = torch.tensor([], dtype=torch.long)  # every row generates exactly T tokens
