@@ -19,6 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("PRELOGIT_CACHE", ROOT / "models"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread for the whole session, as the pipeline uses (``model.threads``).
+
+    Token-by-token decoding and the toy estimators run many small operations; with two threads
+    on a busy 2-core machine each one waits for a thread hand-off (milliseconds).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     """The embedded SmolLM2 converted to an HF folder (converted once, about 25 s)."""

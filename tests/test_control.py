@@ -19,16 +19,6 @@ FALSE_ALARM = 1e-3
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: with two threads on a busy machine each small reduction waits for a thread
-    # hand-off (milliseconds); one thread keeps these tests to seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _inputs(n=16, tau=3, d=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     U = torch.randn(tau, d, generator=g, dtype=F64)
