@@ -66,6 +66,15 @@ def tiny_lm(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm64(tiny_lm):
+    """The tiny Llama in float64: there, two code paths that round differently cannot flip a draw,
+    so token-for-token equality across batch compositions is a fair test."""
+    import copy
+
+    return copy.deepcopy(tiny_lm).double()
+
+
+@pytest.fixture(scope="session")
 def smollm(smollm_dir):
     """The real SmolLM2-135M-Instruct (bf16) and its tokenizer."""
     from prelogit.models import load_model

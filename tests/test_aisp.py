@@ -117,3 +117,49 @@ def test_best_of_n_batches_give_the_same_accounting(sampler):
     rec = run_best_of_n(sampler, VowelShare(), PROMPT, PROMPT, 6, prompt_generator(0, 0), batch_size=4)
     assert len(rec["rewards"]) == 6 and rec["cost"]["generations"] == 6 and rec["cost"]["reward_calls"] == 6
     assert rec["best"]["reward"] == max(rec["rewards"])
+
+
+# ---- many prompts in lockstep -------------------------------------------------------------------
+
+MANY = ["Hi!", "What did you cook for dinner yesterday evening?", "I lost my keys again.", "Good morning to you."]
+
+
+def _results(rec):
+    """A record without its cost counters (timing, and forward passes that depend on the batching)."""
+    return {k: v for k, v in rec.items() if k != "cost"}
+
+
+def test_aisp_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
+    """Lockstep AISP over several prompts gives each prompt exactly its one-prompt record
+    (float64 model and an exact text reward: no rounding can differ), also reordered and with
+    micro-batches that split a prompt's rows."""
+    from prelogit.aisp import run_aisp_many
+
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=5)
+    cfg = AISPConfig(sigma=0.5, lam=0.05, n=3, K=2, tau=2, B=2)
+    keys = [f"p{i}" for i in range(len(MANY))]
+    alone = [run_aisp(s, VowelShare(), p, p, cfg, prompt_generator(4, k)) for p, k in zip(MANY, keys)]
+    for max_rows, order in [(1000, [0, 1, 2, 3]), (4, [2, 3, 0, 1])]:
+        s.max_rows = max_rows
+        recs = run_aisp_many(s, VowelShare(), [MANY[i] for i in order], [MANY[i] for i in order], cfg,
+                             [prompt_generator(4, keys[i]) for i in order])
+        for rec, i in zip(recs, order):
+            assert _results(rec) == _results(alone[i]), (max_rows, order, i)
+            assert rec["cost"]["generations"] == alone[i]["cost"]["generations"] == 2 * 3 * 2 + 2
+
+
+def test_best_of_n_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
+    from prelogit.aisp import run_best_of_n_many
+
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=5, max_rows=5)
+    alone = [run_best_of_n(s, VowelShare(), p, p, 6, prompt_generator(1, p)) for p in MANY]
+    recs = run_best_of_n_many(s, VowelShare(), MANY, MANY, 6, [prompt_generator(1, p) for p in MANY])
+    for a, b in zip(alone, recs):
+        assert _results(a) == _results(b)
+        assert b["cost"]["reward_calls"] == 6 and b["cost"]["new_tokens"] == sum(b["lengths"])
+
+
+def test_prompt_generator_depends_on_seed_and_key_only():
+    draw = lambda seed, key: torch.rand(3, generator=prompt_generator(seed, key)).tolist()
+    assert draw(0, "test-001") == draw(0, "test-001")
+    assert draw(0, "test-001") != draw(0, "test-002") and draw(0, "test-001") != draw(1, "test-001")

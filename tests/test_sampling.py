@@ -1,10 +1,11 @@
-"""The controlled sampler: exact agreement with transformers when uncontrolled, and control that works."""
+"""The controlled sampler: agreement with transformers and with a naive reference, control that works, and
+results that do not depend on a prompt's batch-mates, the micro-batch size or the order of prompts."""
 
 import pytest
 import torch
 
 from prelogit.checks import ParameterError
-from prelogit.sampling import PrelogitSampler
+from prelogit.sampling import PrelogitSampler, inverse_cdf_sample
 
 PROMPTS = ["Hi! How was your weekend?", "What is your favourite food?", "I just lost my job."]
 
@@ -25,27 +26,69 @@ def test_greedy_equals_generate_tiny(tiny_lm, tokenizer):
         assert _tokens(s.generate(ids, 1), 0) == _ref_greedy(tiny_lm, ids, 12)
 
 
-def test_sampling_equals_generate_with_same_seed_tiny(tiny_lm, tokenizer):
-    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=10)
+def _reference_sample(model, sampler, ids, n, T, generator, control=None):
+    """Uncached, one row at a time: full forward over prompt + tokens so far, then the sampler's
+    distribution and the inverse-CDF draw of the same per-(row, step) uniforms the sampler uses."""
+    u = torch.rand(n, T, generator=generator, dtype=torch.float64)
+    eos = set(sampler.eos_ids.tolist())
+    out = []
+    for i in range(n):
+        seq = ids[0].tolist()
+        toks = []
+        for t in range(T):
+            with torch.no_grad():
+                z = model(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][:, -1]
+            if control is not None and t < control.shape[1]:
+                z = z + control[i, t].to(z.dtype)
+            logits = model.lm_head(z)
+            tok = int(inverse_cdf_sample(sampler.next_token_probs(logits), u[i, t : t + 1])[0])
+            toks.append(tok)
+            seq.append(tok)
+            if tok in eos:
+                break
+        out.append(toks)
+    return out
+
+
+def test_sampling_equals_uncached_reference_with_the_same_uniforms(tiny_lm64, tokenizer):
+    """The cached, batched loop draws exactly what a naive loop draws from the same uniforms
+    (float64, so rounding differences between the two paths cannot flip a draw)."""
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.95)
     ids = s.encode(PROMPTS[0], chat=True)
-    for n in (1, 3):
-        g = s.generate(ids, n, generator=torch.Generator().manual_seed(7))
-        torch.manual_seed(7)
-        ref = tiny_lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                               temperature=1.0, max_new_tokens=10, num_return_sequences=n)[:, ids.shape[1]:]
-        for i in range(n):
-            assert _tokens(g, i) == ref[i, : g.lengths[i]].tolist()
+    V = 2.0 * torch.randn(3, 4, s.d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = s.generate(ids, 3, control=V, generator=torch.Generator().manual_seed(7))
+    ref = _reference_sample(tiny_lm64, s, ids, 3, 8, torch.Generator().manual_seed(7), control=V)
+    assert [_tokens(g, i) for i in range(3)] == ref
 
 
-def test_top_k_top_p_temperature_match_generate(tiny_lm, tokenizer):
-    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.9)
-    ids = s.encode(PROMPTS[1], chat=True)
-    g = s.generate(ids, 2, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(3)
-    ref = tiny_lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20, top_p=0.9,
-                           temperature=0.7, max_new_tokens=8, num_return_sequences=2)[:, ids.shape[1]:]
-    for i in range(2):
-        assert _tokens(g, i) == ref[i, : g.lengths[i]].tolist()
+def test_next_token_probs_equal_transformers_warpers(tiny_lm, tokenizer):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = 3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 20, 0.9), (1.3, 0, 0.5), (0.5, 5, 1.0)]:
+        s = PrelogitSampler(tiny_lm, tokenizer, temperature=temperature, top_k=top_k, top_p=top_p)
+        ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        # the same float32 operations in the same order: equal to float32 rounding of a softmax
+        torch.testing.assert_close(s.next_token_probs(logits), torch.softmax(ref, -1), rtol=1e-6, atol=1e-7)
+
+
+def test_inverse_cdf_sample_has_the_right_frequencies():
+    probs = torch.tensor([[0.1, 0.0, 0.45, 0.05, 0.4]]).expand(200_000, -1)
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = torch.bincount(inverse_cdf_sample(probs, u), minlength=5).double()
+    expected = probs[0].double() * 200_000
+    assert counts[1] == 0  # a token of probability zero is never drawn
+    # binomial standard deviations: sqrt(N p (1-p)) <= 223; 5 of them is a 1e-6 false alarm
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - probs[0].double())).sqrt() + 1e-9).all(), counts
+    # interval edges (dyadic probabilities, exact in float): u * total in [cdf[j-1], cdf[j]) -> token j
+    dyadic = torch.tensor([[0.125, 0.0, 0.5, 0.125, 0.25]]).expand(4, -1)
+    edges = inverse_cdf_sample(dyadic, torch.tensor([0.0, 0.1249, 0.125, 0.999999], dtype=torch.float64))
+    assert edges.tolist() == [0, 0, 2, 4]
 
 
 def test_recorded_prelogits_are_last_hidden_states(tiny_lm, tokenizer):
@@ -123,20 +166,12 @@ def test_bad_control_shape_and_n(tiny_lm, tokenizer):
 
 
 @pytest.mark.integration
-def test_smollm_greedy_and_sampling_equal_generate(smollm):
+def test_smollm_greedy_equals_generate(smollm):
     model, tok = smollm
     s = PrelogitSampler(model, tok, max_new_tokens=16, decode="greedy")
     for p in PROMPTS:
         ids = s.encode(p, chat=True)
         assert _tokens(s.generate(ids, 1), 0) == _ref_greedy(model, ids, 16)
-    s = PrelogitSampler(model, tok, max_new_tokens=16)
-    ids = s.encode(PROMPTS[0], chat=True)
-    g = s.generate(ids, 4, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(3)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                         temperature=1.0, max_new_tokens=16, num_return_sequences=4)[:, ids.shape[1]:]
-    for i in range(4):
-        assert _tokens(g, i) == ref[i, : g.lengths[i]].tolist()
 
 
 @pytest.mark.integration
@@ -166,3 +201,100 @@ def test_smollm_hook_sees_last_hidden_state(smollm):
     finally:
         hook.remove()
     assert torch.equal(hook.last, out.hidden_states[-1][:, -1])
+
+
+# ---- many prompts in one batch ------------------------------------------------------------------
+
+MIXED = ["Hi!", "What is your favourite food, and why do you like it so much?", "I just lost my job.",
+         "Tell me about the weather where you live today, please."]
+
+
+def _many(s, prompts, counts, seed, controls=None, order=None):
+    """generate_many over ``prompts`` in ``order``, with per-prompt generators keyed by the prompt."""
+    order = order or list(range(len(prompts)))
+    gens = s.generate_many([prompts[i] for i in order], [counts[i] for i in order],
+                           controls=None if controls is None else [controls[i] for i in order],
+                           generators=[torch.Generator().manual_seed(seed + i) for i in order])
+    out = [None] * len(prompts)
+    for g, i in zip(gens, order):
+        out[i] = g
+    return out
+
+
+@pytest.mark.parametrize("decode", ["sample", "greedy"])
+def test_a_prompts_tokens_do_not_depend_on_its_batch(tiny_lm64, tokenizer, decode):
+    """Alone, together, reordered, and at micro-batch sizes that split prompts across passes:
+    the same tokens, row for row (float64, where rounding cannot flip a draw)."""
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=7, decode=decode)
+    prompts = [s.encode(p, chat=True)[0].tolist() for p in MIXED]
+    counts = [3, 1, 4, 2]
+    V = [1.5 * torch.randn(c, 3, s.d, generator=torch.Generator().manual_seed(50 + i), dtype=torch.float64)
+         for i, c in enumerate(counts)]
+    alone = [_many(s, [p], [c], 10 + i, [v])[0] for i, (p, c, v) in enumerate(zip(prompts, counts, V))]
+    for max_rows, order in [(1000, None), (1, [3, 1, 0, 2]), (3, [2, 0, 3, 1]), (5, None)]:
+        s.max_rows = max_rows
+        together = _many(s, prompts, counts, 10, V, order)
+        for a, b in zip(alone, together):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths), (max_rows, order)
+            assert a.texts == b.texts
+
+
+def test_finished_rows_leave_and_prompts_keep_their_own_lengths(tiny_lm, tokenizer):
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=8, decode="greedy")
+    V = torch.zeros(2, 2, s.d)
+    V[0, 1], stop = _steer(tiny_lm, tokenizer.eos_token_id, 500.0)  # row 0 of prompt 0 ends at token 2
+    s.eos_ids = torch.tensor([stop])
+    g0, g1 = s.generate_many([MIXED[0], MIXED[1]], [2, 3], controls=[V, None])
+    assert g0.lengths.tolist()[0] == 2 and bool(g0.finished[0]) and (g0.tokens[0, 2:] == s.pad_id).all()
+    assert g1.tokens.shape[0] == 3 and g1.lengths.tolist() == [8, 8, 8]
+    # the forward passes each prompt took part in: the prefill plus one per decoded step after the first
+    assert g1.forward_calls == 1 + 7 and g0.forward_calls == 1 + 7
+
+
+def test_a_reused_prefill_gives_the_same_samples(tiny_lm64, tokenizer):
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=6)
+    pre = s.prefill(MIXED[:3])
+    a = s.generate_many(pre, [2, 2, 2], generators=[torch.Generator().manual_seed(i) for i in range(3)])
+    b = s.generate_many(MIXED[:3], [2, 2, 2], generators=[torch.Generator().manual_seed(i) for i in range(3)])
+    for x, y in zip(a, b):
+        assert torch.equal(x.tokens, y.tokens)
+    assert a[0].forward_calls == y.forward_calls - 1  # a reused prefill is not charged again
+
+
+def test_bad_batch_arguments(tiny_lm, tokenizer):
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=4)
+    with pytest.raises(ParameterError, match="one count per prompt"):
+        s.generate_many(MIXED[:2], [1])
+    with pytest.raises(ParameterError, match="one generator per prompt"):
+        s.generate_many(MIXED[:2], [1, 1], generators=[None])
+    with pytest.raises(ParameterError, match="one control"):
+        s.generate_many(MIXED[:2], [1, 1], controls=[None])
+    with pytest.raises(ParameterError, match="counts"):
+        s.generate_many(MIXED[:2], [1, 0])
+    with pytest.raises(ParameterError, match="non-empty list"):
+        s.prefill([])
+    with pytest.raises(ParameterError, match="max_rows"):
+        PrelogitSampler(tiny_lm, tokenizer, max_rows=0)
+
+
+@pytest.mark.integration
+def test_smollm_float32_batched_greedy_equals_one_prompt_path(smollm_dir):
+    """SmolLM2 in float32, prompts of different lengths in one left-padded batch: the greedy
+    tokens equal the one-prompt path, and every step's logits agree to 1e-4."""
+    from prelogit.models import load_model
+
+    model, tok = load_model(str(smollm_dir), dtype="float32")
+    s = PrelogitSampler(model, tok, max_new_tokens=12, decode="greedy")
+    prompts = [s.encode(p, chat=True)[0].tolist() for p in MIXED]
+    assert len({len(p) for p in prompts}) == len(prompts)  # really different lengths: real padding
+    alone = [s.generate(p, 1, record_prelogits=True) for p in prompts]
+    together = s.generate_many(prompts, [1] * len(prompts), record_prelogits=True)
+    head = model.get_output_embeddings()
+    for a, b in zip(alone, together):
+        assert _tokens(a, 0) == _tokens(b, 0)
+        with torch.no_grad():
+            la, lb = head(a.prelogits[0, : a.lengths[0]]), head(b.prelogits[0, : b.lengths[0]])
+        # float32 logits of magnitude up to ~30 (one ulp there is 2e-6): the padded batch runs 30
+        # layers with other matrix shapes, so sums round in another order. Measured on the project's
+        # CPU, one thread: at most 7.6e-5 absolute. The bound is 1e-4, absolute plus relative.
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)

@@ -1,9 +1,14 @@
-"""AISP and best-of-N on one prompt, with the same sampler and the same accounting (spec section 5).
+"""AISP and best-of-N over a set of prompts, with the same sampler and the same accounting (spec section 5).
 
-AISP keeps a control mean U (tau, d) per chain. Each iteration draws n control inputs
+AISP keeps a control mean U (tau, d) per prompt and chain. Each iteration draws n control inputs
 V_i = U + eps_i, eps_i ~ N(0, sigma^2 I), generates one response per V_i, scores them, and moves U
-by importance sampling (:mod:`prelogit.control`). B independent chains run side by side in one
-batch of B * n. The answer is the best response seen in any chain and iteration.
+by importance sampling (:mod:`prelogit.control`). B independent chains run side by side. The answer
+is the best response seen in any chain and iteration.
+
+Prompts run in lockstep: each iteration generates every prompt's B * n rows in one sampler call
+(micro-batched by the sampler) and scores them with one reward call, and the prompts' prefill is
+computed once and reused by all K iterations. A prompt's noise and token draws come from its own
+generator (:func:`prompt_generator`), so its results do not depend on which prompts share its batch.
 
 Because the iterations are sequential and do not look ahead, the best-so-far after k iterations of
 a K-iteration run *is* the answer of AISP with K = k: one run gives the whole reward-vs-samples
@@ -12,15 +17,18 @@ curve at budgets N = B * n * k.
 
 from __future__ import annotations
 
+import hashlib
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .checks import check_aisp_params, check_choice, check_number
+from .checks import ParameterError, check_aisp_params, check_choice, check_number
 from .control import effective_sample_size, importance_weights, update_mean
 from .metrics import CostMeter
-from .rewards import RewardModel
-from .sampling import PrelogitSampler
+from .rewards import RewardModel, check_scores
+from .sampling import Generation, PrelogitSampler
 from .theory import kl_to_base
 
 LAM_MODES = ("absolute", "std")
@@ -60,14 +68,123 @@ class AISPConfig:
         return self.B * self.n * self.K
 
 
-def prompt_generator(seed: int, index: int) -> torch.Generator:
-    """The RNG of prompt ``index`` under run seed ``seed``: runs are reproducible prompt by prompt."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+def prompt_generator(seed: int, key: int | str) -> torch.Generator:
+    """The RNG of one prompt under run seed ``seed``; ``key`` is the prompt's id (or index).
+
+    Derived from (seed, key) alone, by hashing, so a prompt's draws do not depend on its position
+    in a list, on the other prompts of its batch, or on the process it runs in.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _check_prompt_lists(prompts: Sequence[str], user_texts: Sequence[str], generators: Sequence) -> None:
+    if isinstance(prompts, str) or isinstance(user_texts, str):
+        raise ParameterError("prompts and user_texts must be lists of strings, not a single string")
+    if not (len(prompts) == len(user_texts) == len(generators)) or not prompts:
+        raise ParameterError(f"give one user text and one generator per prompt: {len(prompts)} prompts, "
+                             f"{len(user_texts)} user texts, {len(generators)} generators")
+
+
+def _generate(sampler: PrelogitSampler, pre, counts: list[int], meters: list[CostMeter], **kwargs) -> list[Generation]:
+    """One sampler call for all prompts; its wall-clock is shared out by generated tokens."""
+    t0 = time.perf_counter()
+    gens = sampler.generate_many(pre, counts, **kwargs)
+    seconds = time.perf_counter() - t0
+    total = sum(g.new_tokens for g in gens) or 1
+    for g, m in zip(gens, meters):
+        m.add_generation(g)
+        m.time_generation_s += seconds * g.new_tokens / total
+    return gens
+
+
+def _score(reward: RewardModel, user_texts: Sequence[str], gens: list[Generation], meters: list[CostMeter]) -> list[torch.Tensor]:
+    """One reward call on every prompt's responses; returns each prompt's scores (float32)."""
+    prompts = [u for u, g in zip(user_texts, gens) for _ in g.texts]
+    texts = [t for g in gens for t in g.texts]
+    t0 = time.perf_counter()
+    scores = reward.score(prompts, texts)
+    seconds = time.perf_counter() - t0
+    scores = check_scores(scores, len(texts), getattr(reward, "name", type(reward).__name__))
+    out, start = [], 0
+    for g, m in zip(gens, meters):
+        out.append(scores[start:start + len(g.texts)])
+        start += len(g.texts)
+        m.add_scored(len(g.texts))
+        m.time_reward_s += seconds * len(g.texts) / max(len(texts), 1)
+    return out
+
+
+def _prefill(sampler: PrelogitSampler, prompts: Sequence[str], meters: list[CostMeter]):
+    """The prompts' shared prefill, charged as one forward call (and its time) to each prompt."""
+    t0 = time.perf_counter()
+    pre = sampler.prefill(prompts)
+    seconds = time.perf_counter() - t0
+    for m in meters:
+        m.forward_calls += 1
+        m.time_generation_s += seconds / len(meters)
+    return pre
+
+
+def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str], user_texts: Sequence[str],
+                  cfg: AISPConfig, generators: Sequence[torch.Generator], decode: str | None = None) -> list[dict]:
+    """AISP on several prompts in lockstep; one record per prompt, as :func:`run_aisp` returns.
+
+    Args:
+        sampler: the controlled sampler (its decode mode, max_new_tokens and max_rows apply).
+        reward: the reward model that is optimised.
+        prompts: the templated prompts fed to the LM; user_texts: the raw user turns the reward sees.
+        cfg: hyper-parameters, shared by all prompts.
+        generators: one RNG per prompt for its noise and its token sampling
+            (:func:`prompt_generator`).
+        decode: overrides the sampler's decode mode (``sample`` or ``greedy``).
+    """
+    _check_prompt_lists(prompts, user_texts, generators)
+    P, B, n, tau, d = len(prompts), cfg.B, cfg.n, cfg.tau, sampler.d
+    meters = [CostMeter() for _ in range(P)]
+    pre = _prefill(sampler, prompts, meters)
+    U = torch.zeros(P, B, tau, d)
+    best = [{"reward": float("-inf"), "response": None, "iteration": None, "chain": None} for _ in range(P)]
+    iterations: list[list[dict]] = [[] for _ in range(P)]
+    for k in range(1, cfg.K + 1):
+        V = torch.stack([U[p][:, None] + torch.randn(B, n, tau, d, generator=generators[p]) * cfg.sigma
+                         for p in range(P)])  # (P, B, n, tau, d)
+        gens = _generate(sampler, pre, [B * n] * P, meters, controls=list(V.reshape(P, B * n, tau, d)),
+                         generators=generators, decode=decode)
+        scores = _score(reward, user_texts, gens, meters)
+        for p in range(P):
+            r, g = scores[p].view(B, n), gens[p]
+            i_best = int(torch.argmax(r.view(-1)))
+            if float(r.view(-1)[i_best]) > best[p]["reward"]:
+                best[p] = {"reward": float(r.view(-1)[i_best]), "response": g.texts[i_best], "iteration": k,
+                           "chain": i_best // n}
+            rec = {"k": k, "samples_so_far": B * n * k, "rewards": r.tolist(), "responses": g.texts,
+                   "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
+                   "best_so_far": dict(best[p])}
+            for b in range(B):
+                lam_eff = cfg.lam if cfg.lam_mode == "absolute" else cfg.lam * max(float(r[b].std(unbiased=False)), 1e-8)
+                w = importance_weights(r[b], V[p, b], U[p, b], cfg.sigma, lam_eff, cfg.alpha, cfg.alpha_mode)
+                U[p, b] = update_mean(U[p, b], V[p, b], w, cfg.alpha, cfg.alpha_mode)
+                rec["weights"].append(w.tolist())
+                rec["ess"].append(effective_sample_size(w))
+                rec["lam_eff"].append(lam_eff)
+                rec["U_norm"].append(float(U[p, b].norm()))
+                rec["kl"].append(float(kl_to_base(U[p, b], cfg.sigma)))
+            iterations[p].append(rec)
+    finals = [None] * P
+    if cfg.final_rollout:
+        gens = _generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode)
+        scores = _score(reward, user_texts, gens, meters)
+        finals = [{"responses": g.texts, "rewards": s.tolist()} for g, s in zip(gens, scores)]
+    return [{"method": "aisp", "config": asdict(cfg), "samples_used": cfg.budget, "best": best[p],
+             "iterations": iterations[p], "final_rollout": finals[p],
+             "kl_final": [float(kl_to_base(U[p, b], cfg.sigma)) for b in range(B)], "cost": meters[p].as_dict()}
+            for p in range(P)]
 
 
 def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, cfg: AISPConfig,
              generator: torch.Generator, decode: str | None = None) -> dict:
-    """AISP on one prompt.
+    """AISP on one prompt: :func:`run_aisp_many` with a single prompt.
 
     Args:
         sampler: the controlled sampler (its decode mode and max_new_tokens apply).
@@ -80,64 +197,47 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
         iteration and chain: rewards (n,), weights (n,), ESS, ||U||, KL(Q_U||P), effective lambda,
         the responses, and the best-so-far), ``final_rollout`` (per chain) and the cost counters.
     """
-    B, n, tau, d = cfg.B, cfg.n, cfg.tau, sampler.d
-    meter = CostMeter()
-    U = torch.zeros(B, tau, d)
-    best = {"reward": float("-inf"), "response": None, "iteration": None, "chain": None}
-    iterations = []
-    for k in range(1, cfg.K + 1):
-        eps = torch.randn(B, n, tau, d, generator=generator) * cfg.sigma
-        V = U[:, None] + eps  # (B, n, tau, d)
-        g = meter.generate(sampler, prompt, B * n, control=V.reshape(B * n, tau, d), generator=generator,
-                      decode=decode)
-        r = meter.score(reward, user_text, g.texts).view(B, n)
-        i_best = int(torch.argmax(r.view(-1)))
-        if float(r.view(-1)[i_best]) > best["reward"]:
-            best = {"reward": float(r.view(-1)[i_best]), "response": g.texts[i_best], "iteration": k,
-                    "chain": i_best // n}
-        rec = {"k": k, "samples_so_far": B * n * k, "rewards": r.tolist(), "responses": g.texts,
-               "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
-               "best_so_far": dict(best)}
-        for b in range(B):
-            lam_eff = cfg.lam if cfg.lam_mode == "absolute" else cfg.lam * max(float(r[b].std(unbiased=False)), 1e-8)
-            w = importance_weights(r[b], V[b], U[b], cfg.sigma, lam_eff, cfg.alpha, cfg.alpha_mode)
-            U[b] = update_mean(U[b], V[b], w, cfg.alpha, cfg.alpha_mode)
-            rec["weights"].append(w.tolist())
-            rec["ess"].append(effective_sample_size(w))
-            rec["lam_eff"].append(lam_eff)
-            rec["U_norm"].append(float(U[b].norm()))
-            rec["kl"].append(float(kl_to_base(U[b], cfg.sigma)))
-        iterations.append(rec)
-    final = None
-    if cfg.final_rollout:
-        g = meter.generate(sampler, prompt, B, control=U, generator=generator, decode=decode)
-        rf = meter.score(reward, user_text, g.texts)
-        final = {"responses": g.texts, "rewards": rf.tolist()}
-    return {"method": "aisp", "config": asdict(cfg), "samples_used": cfg.budget, "best": best,
-            "iterations": iterations, "final_rollout": final, "kl_final": [float(kl_to_base(U[b], cfg.sigma)) for b in range(B)],
-            "cost": meter.as_dict()}
+    return run_aisp_many(sampler, reward, [prompt], [user_text], cfg, [generator], decode)[0]
 
 
-def run_best_of_n(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, N: int,
-                  generator: torch.Generator, batch_size: int | None = None) -> dict:
-    """Best-of-N on one prompt: N base-model samples (no control), keep the highest reward.
+def run_best_of_n_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str],
+                       user_texts: Sequence[str], N: int, generators: Sequence[torch.Generator],
+                       batch_size: int | None = None) -> list[dict]:
+    """Best-of-N on several prompts at once: N base-model samples each (no control), keep the highest reward.
 
-    Samples are generated in batches of ``batch_size`` (default: all N in one batch). The record
-    keeps every sample's reward and response, so that best-of-N' for any N' <= N can be estimated
-    from the same draws (:func:`prelogit.metrics.expected_best_of_n`).
+    Every prompt's samples are generated in one sampler call (micro-batched by the sampler) and
+    scored in one reward call; ``batch_size`` (default N) splits each prompt's N samples into
+    several such calls. The record keeps every sample's reward and response, so that best-of-N'
+    for any N' <= N can be estimated from the same draws (:func:`prelogit.metrics.expected_best_of_n`).
     """
     check_number("N", N, low=1, integer=True)
     batch_size = batch_size or N
     check_number("batch_size", batch_size, low=1, integer=True)
-    meter = CostMeter()
-    texts, lengths, rewards = [], [], []
+    _check_prompt_lists(prompts, user_texts, generators)
+    P = len(prompts)
+    meters = [CostMeter() for _ in range(P)]
+    pre = _prefill(sampler, prompts, meters)
+    texts: list[list[str]] = [[] for _ in range(P)]
+    lengths: list[list[int]] = [[] for _ in range(P)]
+    rewards: list[list[torch.Tensor]] = [[] for _ in range(P)]
     for start in range(0, N, batch_size):
         m = min(batch_size, N - start)
-        g = meter.generate(sampler, prompt, m, generator=generator)
-        rewards.append(meter.score(reward, user_text, g.texts))
-        texts += g.texts
-        lengths += g.lengths.tolist()
-    r = torch.cat(rewards)
-    i = int(torch.argmax(r))
-    return {"method": "bon", "N": N, "samples_used": N, "rewards": r.tolist(), "responses": texts,
-            "lengths": lengths, "best": {"reward": float(r[i]), "response": texts[i], "index": i}, "cost": meter.as_dict()}
+        gens = _generate(sampler, pre, [m] * P, meters, generators=generators)
+        for p, s in enumerate(_score(reward, user_texts, gens, meters)):
+            rewards[p].append(s)
+            texts[p] += gens[p].texts
+            lengths[p] += gens[p].lengths.tolist()
+    out = []
+    for p in range(P):
+        r = torch.cat(rewards[p])
+        i = int(torch.argmax(r))
+        out.append({"method": "bon", "N": N, "samples_used": N, "rewards": r.tolist(), "responses": texts[p],
+                    "lengths": lengths[p], "best": {"reward": float(r[i]), "response": texts[p][i], "index": i},
+                    "cost": meters[p].as_dict()})
+    return out
+
+
+def run_best_of_n(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, N: int,
+                  generator: torch.Generator, batch_size: int | None = None) -> dict:
+    """Best-of-N on one prompt: :func:`run_best_of_n_many` with a single prompt."""
+    return run_best_of_n_many(sampler, reward, [prompt], [user_text], N, [generator], batch_size)[0]

@@ -1,13 +1,24 @@
-"""Batched generation with control inputs on the pre-logits (spec section 1).
+"""Batched generation with control inputs on the pre-logits (spec section 1), many prompts at once.
 
 The pre-logit z_t is the input of the LM head (``model.get_output_embeddings()``), i.e. the last
 hidden state after the final norm. A forward pre-hook on the head replaces z_t by z_t + v_t for
 the first tau generated tokens. Because W (z + v) + b = (W z + b) + W v, the perturbation never
 enters the KV cache: only the chosen token is fed back.
 
-The prompt is prefilled once with batch size 1; its KV cache is then repeated for the n samples
-(``generate(num_return_sequences=n)`` prefills it n times). Rows that reach EOS are dropped from
-the batch, so finished samples cost nothing.
+One call serves several prompts, each with its own number of rows (samples):
+
+- the prompts are left-padded and prefilled together once, one row per prompt
+  (:meth:`PrelogitSampler.prefill`); a :class:`Prefill` can be reused by later calls (AISP's K
+  iterations share one), and its KV cache is gathered out to the rows of each micro-batch;
+- rows are processed in micro-batches of at most ``max_rows`` rows, which bounds the memory of
+  the KV cache and of the logits; rows that reach EOS leave their micro-batch at once;
+- attention masks cover the left padding and position ids count each prompt's own tokens, so a
+  row sees exactly what it would see alone;
+- randomness is per prompt: before decoding, each prompt draws one uniform per (row, step) from
+  its own generator, and a row's token at step t is the inverse-CDF draw of its uniform. Which
+  other prompts share the call, the micro-batch size and the order in which rows finish therefore
+  cannot change a prompt's draws; only float rounding of a differently shaped batch can, which
+  the tests bound (``tests/test_sampling.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +30,16 @@ import torch
 
 from .checks import ParameterError, check_choice, check_number
 
-#: A pre-logit transform: ``fn(z, t, rows) -> z'`` with z of shape (b, d) (b = 1 at the shared
-#: prefill, where the result may broadcast to all rows), t the 0-based index of the token being
-#: generated and ``rows`` (b',) the sample indices that z' is for.
+#: A pre-logit transform: ``fn(z, t, rows) -> z'`` with z of shape (b, d), t the 0-based index of
+#: the token being generated and ``rows`` (b,) the indices, among all rows of the call, that the
+#: b pre-logits belong to (rows are numbered prompt by prompt, in the order the prompts were given).
 PrelogitFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 DECODES = ("sample", "greedy")
+
+#: Default rows per forward pass. With the embedded SmolLM2 in float32 a row's KV cache holds
+#: about 46 KB per token, so 256 rows of 100 tokens take about 1.2 GB: laptop-sized.
+DEFAULT_MAX_ROWS = 256
 
 
 @dataclass
@@ -35,7 +50,8 @@ class Generation:
     lengths: (n,) generated tokens per sample, EOS included.
     finished: (n,) True where the sample ended with EOS (False: cut at max_new_tokens).
     texts: the decoded responses, special tokens removed.
-    forward_calls: LM forward passes used (the prefill counts once).
+    forward_calls: LM forward passes this prompt's rows took part in (its prefill counts once,
+        and not at all when the call reused an existing :class:`Prefill`).
     prelogits: (n, T, d) unperturbed pre-logits z_t (float32), only if recorded.
     """
 
@@ -50,6 +66,25 @@ class Generation:
     @property
     def new_tokens(self) -> int:
         return int(self.lengths.sum())
+
+
+@dataclass
+class Prefill:
+    """Prompts prefilled together once, ready to be expanded to any number of rows each.
+
+    ids: the prompts' token ids. mask: (B, P) attention mask, 0 on the left padding.
+    lengths: (B,) real prompt tokens. z: (B, d) the unperturbed pre-logit of each prompt's first
+    generated token. kv: per layer, the (keys, values) of the prompts, (B, heads, P, head_dim).
+    """
+
+    ids: list[list[int]]
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    z: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class _HeadHook:
@@ -76,19 +111,31 @@ class _HeadHook:
 
 
 def control_fn(control: torch.Tensor) -> PrelogitFn:
-    """The AISP transform z_t -> z_t + v_t for t < tau, from V of shape (n, tau, d)."""
+    """The AISP transform z_t -> z_t + v_t for t < tau, from V of shape (rows, tau, d)."""
     tau = control.shape[1]
 
     def fn(z: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
         if t >= tau:
             return z
-        return z + control[rows, t].to(device=z.device, dtype=z.dtype)
+        return z + control[rows.to(control.device), t].to(device=z.device, dtype=z.dtype)
 
     return fn
 
 
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row from the categorical ``probs`` (b, V), driven by uniforms ``u`` (b,) in [0, 1).
+
+    Token j is chosen when cdf[j-1] <= u * cdf[V-1] < cdf[j]; a token of probability zero has an
+    empty interval and is never chosen. The CDF is accumulated in float64, so its rounding over a
+    50k-token vocabulary is far below any probability that matters.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    x = (u.double() * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
 class PrelogitSampler:
-    """Generates n continuations of a prompt, optionally with control on the pre-logits.
+    """Generates continuations of many prompts at once, optionally with control on the pre-logits.
 
     Args:
         model, tokenizer: a causal LM and its tokenizer (see :func:`prelogit.models.load_model`).
@@ -96,15 +143,17 @@ class PrelogitSampler:
         decode: ``sample`` (multinomial at ``temperature``, optional ``top_k``/``top_p``) or
             ``greedy`` (argmax of the perturbed logits; all randomness then comes from V).
         temperature, top_k, top_p: as in ``transformers`` (top_k = 0 and top_p = 1 disable them).
+        max_rows: rows per forward pass (micro-batch size); bounds memory, not the results.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 24, decode: str = "sample",
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_rows: int = DEFAULT_MAX_ROWS):
         check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
         check_choice("decode", decode, DECODES)
         check_number("temperature", temperature, low=0, low_open=True)
         check_number("top_k", top_k, low=0, integer=True)
         check_number("top_p", top_p, low=0, high=1, low_open=True)
+        check_number("max_rows", max_rows, low=1, integer=True)
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -112,6 +161,7 @@ class PrelogitSampler:
         self.temperature = float(temperature)
         self.top_k = top_k
         self.top_p = float(top_p)
+        self.max_rows = max_rows
         self.head = model.get_output_embeddings()
         self.d = self.head.weight.shape[1]
         self.device = self.head.weight.device
@@ -138,12 +188,46 @@ class PrelogitSampler:
             raise ParameterError("the prompt is empty; give at least one token")
         return torch.tensor([ids], device=self.device)
 
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[str | Sequence[int] | torch.Tensor]) -> Prefill:
+        """Left-pad and prefill ``prompts`` (templated text or ids), ``max_rows`` prompts per pass.
+
+        Every prompt is padded to the longest one in the list, so that the rows of any subset can
+        later be gathered into one micro-batch.
+        """
+        if isinstance(prompts, (str, torch.Tensor)) or len(prompts) == 0:
+            raise ParameterError("prompts must be a non-empty list of prompts (text or token ids)")
+        from transformers import DynamicCache
+
+        ids = [self.encode(p)[0].tolist() for p in prompts]
+        P = max(len(x) for x in ids)
+        pad = torch.full((len(ids), P), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(ids), P, dtype=torch.long, device=self.device)
+        for i, x in enumerate(ids):
+            pad[i, P - len(x):] = torch.tensor(x, device=self.device)
+            mask[i, P - len(x):] = 1
+        # Positions count each prompt's own tokens (0 at its first real token), as in generate().
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        zs, kv_parts = [], []
+        hook = _HeadHook(self.head)
+        try:
+            for s in range(0, len(ids), self.max_rows):
+                cache = DynamicCache(config=self.model.config)
+                self.model(input_ids=pad[s:s + self.max_rows], attention_mask=mask[s:s + self.max_rows],
+                           position_ids=positions[s:s + self.max_rows], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+                zs.append(hook.last)
+                kv_parts.append([(layer.keys, layer.values) for layer in cache.layers])
+        finally:
+            hook.remove()
+        kv = [(torch.cat([part[i][0] for part in kv_parts]), torch.cat([part[i][1] for part in kv_parts]))
+              for i in range(len(kv_parts[0]))] if len(kv_parts) > 1 else kv_parts[0]
+        return Prefill(ids=ids, mask=mask, lengths=mask.sum(-1), z=torch.cat(zs), kv=kv)
+
     # ---- decoding ------------------------------------------------------------------------------
-    def _choose(self, logits: torch.Tensor, decode: str, generator: torch.Generator | None) -> torch.Tensor:
-        """Next token per row from logits (b, V), with the processors in transformers' order."""
+    def next_token_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sampling distribution (b, V) from logits (b, V): temperature, top-k, top-p in transformers' order."""
         logits = logits.float()
-        if decode == "greedy":
-            return logits.argmax(dim=-1)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
@@ -156,84 +240,165 @@ class PrelogitSampler:
             drop_sorted[..., -1:] = False
             drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        return torch.softmax(logits, dim=-1)
 
-    def generate(self, prompt: str | Sequence[int] | torch.Tensor, n: int, control: torch.Tensor | None = None,
-                 prelogit_fn: PrelogitFn | None = None, generator: torch.Generator | None = None,
-                 max_new_tokens: int | None = None, decode: str | None = None,
-                 record_prelogits: bool = False) -> Generation:
-        """Generate n continuations of one prompt.
+    def _choose(self, logits: torch.Tensor, decode: str, u: torch.Tensor | None) -> torch.Tensor:
+        """Next token per row from logits (b, V): argmax, or the inverse-CDF draw of the uniforms u (b,)."""
+        if decode == "greedy":
+            return logits.float().argmax(dim=-1)
+        return inverse_cdf_sample(self.next_token_probs(logits), u)
+
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor | Prefill, n: int,
+                 control: torch.Tensor | None = None, prelogit_fn: PrelogitFn | None = None,
+                 generator: torch.Generator | None = None, max_new_tokens: int | None = None,
+                 decode: str | None = None, record_prelogits: bool = False) -> Generation:
+        """Generate n continuations of one prompt: :meth:`generate_many` with a single prompt.
 
         Args:
-            prompt: text (already templated) or token ids.
-            n: number of samples, generated in one batch.
+            prompt: text (already templated), token ids, or a one-prompt :class:`Prefill`.
+            n: number of samples.
             control: V of shape (n, tau, d): v_t is added to the pre-logit of generated token t
                 (t < tau). None or tau = 0 means no control.
             prelogit_fn: a general transform instead of ``control`` (used by RE-Control).
-            generator: torch RNG for multinomial sampling (determinism per seed).
+            generator: torch RNG for token sampling (determinism per seed).
             record_prelogits: keep the unperturbed pre-logits z_t of every generated token.
         """
-        check_number("n", n, low=1, integer=True)
+        prompts = prompt if isinstance(prompt, Prefill) else [prompt]
+        return self.generate_many(prompts, [n], controls=None if control is None else [control],
+                                  prelogit_fn=prelogit_fn, generators=[generator], max_new_tokens=max_new_tokens,
+                                  decode=decode, record_prelogits=record_prelogits)[0]
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int] | torch.Tensor] | Prefill, counts: Sequence[int],
+                      controls: Sequence[torch.Tensor | None] | None = None, prelogit_fn: PrelogitFn | None = None,
+                      generators: Sequence[torch.Generator | None] | None = None, max_new_tokens: int | None = None,
+                      decode: str | None = None, record_prelogits: bool = False) -> list[Generation]:
+        """Generate ``counts[i]`` continuations of each prompt i, all prompts in one batched run.
+
+        Args:
+            prompts: templated prompts or token ids, or a :class:`Prefill` of them (reused as is).
+            counts: rows per prompt (>= 1 each).
+            controls: per prompt, V of shape (counts[i], tau, d) or None (no control). Prompts may
+                have different tau; a shorter one is padded with zeros, which leaves z unchanged.
+            prelogit_fn: a general transform instead of ``controls``; its ``rows`` index the rows of
+                the whole call, prompt by prompt.
+            generators: per prompt, the RNG its token draws come from (None: torch's global RNG).
+                Greedy decoding draws nothing.
+            max_new_tokens, decode: override the sampler's.
+            record_prelogits: keep the unperturbed pre-logits z_t of every generated token.
+        Returns:
+            One :class:`Generation` per prompt, in order.
+        """
         decode = decode or self.decode
         check_choice("decode", decode, DECODES)
         T = max_new_tokens or self.max_new_tokens
         check_number("max_new_tokens", T, low=1, integer=True)
-        if control is not None and prelogit_fn is not None:
+        counts = list(counts)
+        for i, c in enumerate(counts):
+            check_number(f"counts[{i}]" if len(counts) > 1 else "n", c, low=1, integer=True)
+        reuse = isinstance(prompts, Prefill)
+        if (len(prompts) if reuse else len(list(prompts))) != len(counts):
+            raise ParameterError(f"give one count per prompt: {len(prompts)} prompts, {len(counts)} counts")
+        generators = list(generators) if generators is not None else [None] * len(counts)
+        if len(generators) != len(counts):
+            raise ParameterError(f"give one generator per prompt: {len(counts)} prompts, {len(generators)} generators")
+        if controls is not None and prelogit_fn is not None:
             raise ParameterError("give either control or prelogit_fn, not both")
-        if control is not None:
-            if control.dim() != 3 or control.shape[0] != n or control.shape[2] != self.d:
-                raise ParameterError(f"control must have shape (n, tau, d) = ({n}, tau, {self.d}), "
-                                     f"got {tuple(control.shape)}")
-            prelogit_fn = control_fn(control) if control.shape[1] > 0 else None
+        fn = prelogit_fn
+        if controls is not None:
+            control = self._stack_controls(controls, counts)
+            fn = control_fn(control) if control is not None else None
 
-        ids = self.encode(prompt)
-        P = ids.shape[1]
-        tokens = torch.full((n, T), self.pad_id, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(n, dtype=torch.long, device=self.device)
-        finished = torch.zeros(n, dtype=torch.bool, device=self.device)
-        prelogits = torch.zeros(n, T, self.d, dtype=torch.float32) if record_prelogits else None
-        active = torch.arange(n, device=self.device)
-
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+        pre = prompts if reuse else self.prefill(prompts)
+        B, R = len(counts), sum(counts)
+        prompt_of_row = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
+        # One uniform per (row, step), drawn prompt by prompt from the prompt's own generator.
+        u = None
+        if decode == "sample":
+            u = torch.cat([torch.rand(c, T, generator=g, dtype=torch.float64) for c, g in zip(counts, generators)])
+        tokens = torch.full((R, T), self.pad_id, dtype=torch.long)
+        lengths = torch.zeros(R, dtype=torch.long)
+        finished = torch.zeros(R, dtype=torch.bool)
+        prelogits = torch.zeros(R, T, self.d, dtype=torch.float32) if record_prelogits else None
+        calls = torch.zeros(B, dtype=torch.long) if reuse else torch.ones(B, dtype=torch.long)
         hook = _HeadHook(self.head)
-        calls = 0
         try:
-            with torch.no_grad():
-                step_ids, mask = ids, torch.ones(1, P, dtype=torch.long, device=self.device)
-                for t in range(T):
-                    if prelogit_fn is not None:
-                        hook.fn = lambda z, t=t, rows=active: prelogit_fn(z, t, rows)
-                    out = self.model(input_ids=step_ids, attention_mask=mask, past_key_values=cache,
-                                     use_cache=True, logits_to_keep=1)
-                    calls += 1
-                    logits = out.logits[:, -1, :]
-                    if t == 0:
-                        # The shared prefill ran with batch 1: give every sample its own copy.
-                        logits = logits.expand(len(active), -1)
-                        cache.batch_repeat_interleave(n)
-                    if record_prelogits:
-                        prelogits[active.cpu(), t] = hook.last.float().expand(len(active), -1).cpu()
-                    nxt = self._choose(logits, decode, generator)
-                    tokens[active, t] = nxt
-                    lengths[active] += 1
-                    done = torch.isin(nxt, self.eos_ids)
-                    finished[active[done]] = True
-                    keep = ~done
-                    if t == T - 1 or not keep.any():
-                        break
-                    if not keep.all():
-                        cache.batch_select_indices(keep.nonzero().squeeze(1))
-                        active, nxt = active[keep], nxt[keep]
-                    step_ids = nxt[:, None]
-                    mask = torch.ones(len(active), P + t + 1, dtype=torch.long, device=self.device)
+            for s in range(0, R, self.max_rows):
+                rows = torch.arange(s, min(s + self.max_rows, R))
+                self._decode_rows(pre, rows, prompt_of_row, fn, decode, u, T, hook, tokens, lengths, finished,
+                                  prelogits, calls)
         finally:
             hook.remove()
-        T_used = int(lengths.max())
-        texts = [self.tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True).strip()
-                 for i in range(n)]
-        return Generation(tokens=tokens[:, :T_used].cpu(), lengths=lengths.cpu(), finished=finished.cpu(),
-                          texts=texts, forward_calls=calls,
-                          prelogits=None if prelogits is None else prelogits[:, :T_used])
+        out, start = [], 0
+        for i, c in enumerate(counts):
+            sl = slice(start, start + c)
+            start += c
+            T_used = int(lengths[sl].max())
+            texts = [self.tokenizer.decode(tokens[r, : lengths[r]].tolist(), skip_special_tokens=True).strip()
+                     for r in range(sl.start, sl.stop)]
+            out.append(Generation(tokens=tokens[sl, :T_used].clone(), lengths=lengths[sl].clone(),
+                                  finished=finished[sl].clone(), texts=texts, forward_calls=int(calls[i]),
+                                  prelogits=None if prelogits is None else prelogits[sl, :T_used].clone()))
+        return out
+
+    def _stack_controls(self, controls: Sequence[torch.Tensor | None], counts: list[int]) -> torch.Tensor | None:
+        """One (R, tau_max, d) control tensor from per-prompt controls (zeros where a prompt has none)."""
+        if len(controls) != len(counts):
+            raise ParameterError(f"give one control (or None) per prompt: {len(counts)} prompts, {len(controls)} controls")
+        for i, (c, n) in enumerate(zip(controls, counts)):
+            if c is not None and (c.dim() != 3 or c.shape[0] != n or c.shape[2] != self.d):
+                raise ParameterError(f"control must have shape (n, tau, d) = ({n}, tau, {self.d}), "
+                                     f"got {tuple(c.shape)}" + (f" for prompt {i}" if len(counts) > 1 else ""))
+        tau = max((c.shape[1] for c in controls if c is not None), default=0)
+        if tau == 0:
+            return None
+        parts = []
+        for c, n in zip(controls, counts):
+            part = torch.zeros(n, tau, self.d)
+            if c is not None:
+                part[:, : c.shape[1]] = c.float()
+            parts.append(part)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def _decode_rows(self, pre: Prefill, rows: torch.Tensor, prompt_of_row: torch.Tensor, fn: PrelogitFn | None,
+                     decode: str, u: torch.Tensor | None, T: int, hook: _HeadHook, tokens: torch.Tensor,
+                     lengths: torch.Tensor, finished: torch.Tensor, prelogits: torch.Tensor | None,
+                     calls: torch.Tensor) -> None:
+        """Decode one micro-batch of rows to EOS or T tokens, writing into the call's output tensors."""
+        from transformers import DynamicCache
+
+        src = prompt_of_row[rows].to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        for layer, (k, v) in enumerate(pre.kv):
+            cache.update(k[src], v[src], layer)
+        P = pre.mask.shape[1]
+        mask = torch.cat([pre.mask[src], torch.ones(len(rows), T, dtype=torch.long, device=self.device)], dim=1)
+        plen = pre.lengths[src]
+        active = rows
+        nxt = None
+        for t in range(T):
+            if fn is not None:
+                hook.fn = lambda z, t=t, r=active: fn(z, t, r)
+            if t == 0:
+                # The first token's pre-logit comes from the prefill: only the head runs.
+                logits = self.head(pre.z[src].unsqueeze(1))[:, -1]
+            else:
+                logits = self.model(input_ids=nxt[:, None], attention_mask=mask[:, : P + t],
+                                    position_ids=(plen + t - 1)[:, None], past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1).logits[:, -1]
+                calls[torch.unique(prompt_of_row[active])] += 1
+            hook.fn = None
+            if prelogits is not None:
+                prelogits[active, t] = hook.last.float().cpu()
+            nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
+            tokens[active, t] = nxt.cpu()
+            lengths[active] += 1
+            done = torch.isin(nxt, self.eos_ids).cpu()
+            finished[active[done]] = True
+            keep = ~done
+            if t == T - 1 or not keep.any():
+                break
+            if not keep.all():
+                idx = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(idx.to(self.device))
+                active, nxt, mask, plen = active[keep], nxt[keep.to(nxt.device)], mask[idx], plen[idx]
