@@ -15,8 +15,8 @@ import torch
 from prelogit.checks import ParameterError
 from prelogit.models import ModelNotFoundError
 from prelogit.rewards import (EmbeddingHeadReward, HFRewardModel, MiniLMEncoder, RelevanceJudge, RewardError,
-                              RewardModel, VaderJudge, build_judges, build_reward, check_scores, load_head,
-                              save_head, train_reward_head, vader_compound, vader_labelled_utterances)
+                              RewardModel, VaderJudge, build_judges, build_reward, check_scores, head_logits,
+                              load_head, save_head, train_reward_head, vader_compound, vader_labelled_utterances)
 
 POSITIVE = "I love this, what a wonderful and happy day! Thank you so much."
 NEGATIVE = "This is awful. I hate it, everything is terrible and sad."
@@ -98,8 +98,10 @@ def test_encoder_shapes_norms_and_determinism(encoder):
     e = encoder.embed(texts)
     assert e.shape == (3, 384) and e.dtype == torch.float32
     assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert torch.equal(e, encoder.embed(texts))
+    assert torch.equal(e, encoder.embed(texts))  # same texts, same batches: the same computation
     # Rows follow the input order whatever the length-sorted batching does, and padding is masked.
+    # Other batch-mates and padding change float32 rounding only (measured <= 2e-7 per entry of
+    # these unit vectors), hence atol=1e-5 rather than equality.
     assert torch.allclose(encoder.embed(texts[::-1]), e.flip(0), atol=1e-5)
     single = torch.cat([encoder.embed([t]) for t in texts])
     assert torch.allclose(single, e, atol=1e-5)
@@ -143,6 +145,9 @@ def test_train_reward_head_is_deterministic(small_labelled, encoder):
     # Embedding the texts inside gives the same head as passing the embeddings.
     h4, _ = train_reward_head(texts[:60], labels[:60], encoder, seed=1)
     h5, _ = train_reward_head(None, labels[:60], None, seed=1, embeddings=emb[:60])
+    # Not bit-equal: embedding 60 texts differs from embedding them among 200 (other batch-mates,
+    # other padding) by float32 rounding, about 2e-7, which the fit amplifies to about 2e-6 on
+    # weights of size up to ~4 (measured); 1e-4 leaves a wide margin.
     assert torch.allclose(h4["weight"], h5["weight"], atol=1e-4)
 
 
@@ -174,15 +179,45 @@ def test_head_save_load_round_trip(small_labelled, encoder, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["head.safetensors"]  # no temporary left behind
     loaded = load_head(path)
     assert torch.equal(loaded["weight"], head["weight"]) and torch.equal(loaded["bias"], head["bias"])
+    # safetensors hands back views into the file's buffer at arbitrary alignment; load_head copies
+    # them into fresh storage, the layout of a head fresh from training (see rewards.head_logits).
+    assert all(v.is_contiguous() and v.data_ptr() % 64 == 0 for v in loaded.values())
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["val_accuracy"] == "0.9" and f.metadata()["encoder"] == "all-MiniLM-L6-v2"
     prompts, responses = ["hi", "hi", "yo"], [POSITIVE, NEGATIVE, "fine I guess"]
     s = reward.score(prompts, responses)
     assert s.shape == (3,) and s.dtype == torch.float32
+    # Exact: the loaded head has the same values and the same (aligned) layout, the same texts are
+    # embedded in the same batches, and head_logits runs the same kernel. Before the heads were
+    # copied into aligned storage this failed in the last bits (MKL's sgemv depends on alignment).
     assert torch.equal(EmbeddingHeadReward(encoder, str(path)).score(prompts, responses), s)
     # The prompt is ignored: only the response is scored.
     assert torch.equal(reward.score(["something else"] * 3, responses), s)
+    # A text scored alone runs other kernels (encoder and head) than in a batch: equal up to float32
+    # rounding. |s - s'| <= |w| |x - x'| + the rounding of a d-term dot product, about
+    # sqrt(d) eps |w| |x| with |x| = 1; the embeddings' L2 distance measured <= 1.5e-6, allow 1e-5.
+    single = torch.cat([reward.score(["hi"], [r]) for r in responses])
+    tol = float(head["weight"].norm()) * (1e-5 + math.sqrt(encoder.dim) * torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(single, s, rtol=0, atol=tol)
+
+
+def test_head_logits_do_not_depend_on_memory_alignment():
+    """The root cause of a failed save/load round trip: MKL's sgemv sums in another order when the
+    weight is not 16-byte aligned (as safetensors returns it). head_logits copies such operands."""
+    g = torch.Generator().manual_seed(0)
+    E = torch.nn.functional.normalize(torch.randn(5, 384, generator=g), dim=-1)
+    w, b = 3 * torch.randn(384, generator=g), torch.tensor([0.25])
+    ref = head_logits({"weight": w, "bias": b}, E)
+    for offset in range(1, 16):  # every 4-byte offset within 64 bytes
+        buf = torch.empty(384 + 16)
+        w_off = buf[offset:offset + 384]
+        w_off.copy_(w)
+        assert torch.equal(head_logits({"weight": w_off, "bias": b}, E), ref), offset
+        buf_e = torch.empty(5 * 384 + 16)
+        E_off = buf_e[offset:offset + 5 * 384].view(5, 384)
+        E_off.copy_(E)
+        assert torch.equal(head_logits({"weight": w, "bias": b}, E_off), ref), offset
 
 
 def test_head_errors(encoder, tmp_path):

@@ -250,7 +250,7 @@ def load_head(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                                 "dvc repro) or point reward.head at an existing .safetensors file")
     head = load_file(str(path))
     _check_head(head, where=str(path))
-    return head
+    return _canonical_head(head)
 
 
 def _check_head(head: dict[str, torch.Tensor], where: str = "head") -> None:
@@ -262,9 +262,41 @@ def _check_head(head: dict[str, torch.Tensor], where: str = "head") -> None:
                           "expected (d,) and (1,)")
 
 
+# Why heads are copied into fresh storage: ``embeddings @ weight`` runs MKL's sgemv, whose result
+# depends on the 16-byte alignment of ``weight``'s data pointer (presumably a peel loop up to the
+# next aligned address, which changes the summation order). safetensors' load_file
+# returns views into the file's buffer, where the weight sits 4 bytes after the bias (it loaded
+# 12 bytes past a 16-byte boundary in both files we tried), while a head fresh from training (like
+# any tensor PyTorch allocates) is 64-byte aligned. Strides, dtype, contiguity and values were
+# identical; only the pointer differed, and the scores of a loaded head and of the same head fresh
+# from training differed in the last bits (-7.2238274 vs -7.2238283; AMD EPYC, MKL 2024.2). A
+# weight copied to 4, 8 or 12 bytes mod 16 reproduces the difference, 0, 16, 32 or 48 does not.
+# With aligned operands the logits did not depend on the thread count (1 and 2 agreed bit for
+# bit), but MKL sums a batch of one row in another order than a batch of several, so a text
+# scored alone and in a batch still differ by float32 rounding.
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is contiguous and its data 64-byte aligned, else a fresh contiguous copy
+    (PyTorch's CPU allocator aligns every allocation to 64 bytes)."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _canonical_head(head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one layout every head is used in: float32, CPU, no grad, contiguous, 64-byte aligned."""
+    return {k: _aligned(head[k].detach().to("cpu", torch.float32)) for k in ("weight", "bias")}
+
+
 def head_logits(head: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
-    """Logits (n,) of a linear head on embeddings (n, d)."""
-    return embeddings @ head["weight"].to(embeddings.dtype) + head["bias"].to(embeddings.dtype)
+    """Logits (n,) of a linear head on embeddings (n, d).
+
+    Both operands are brought to aligned, contiguous storage first (a copy only when they are
+    not), so the result depends on the values alone, not on where they sit in memory (see above).
+    """
+    embeddings = _aligned(embeddings)
+    return embeddings @ _aligned(head["weight"].to(embeddings.dtype)) + head["bias"].to(embeddings.dtype)
 
 
 def train_reward_head(texts: Sequence[str] | None, labels: torch.Tensor | Sequence[int], encoder: MiniLMEncoder | None,
@@ -338,7 +370,7 @@ def train_reward_head(texts: Sequence[str] | None, labels: torch.Tensor | Sequen
 
     opt.step(closure)
     t_fit = time.perf_counter() - t1
-    head = {"weight": w.detach().float(), "bias": b.detach().float()}
+    head = _canonical_head({"weight": w, "bias": b})
 
     with torch.no_grad():
         ltr, lva = head_logits(head, Xtr), head_logits(head, Xva)
@@ -378,7 +410,8 @@ class EmbeddingHeadReward:
         if self.head["weight"].shape[0] != encoder.dim:
             raise RewardError(f"reward head has {self.head['weight'].shape[0]} weights but the encoder embeds in "
                               f"{encoder.dim} dimensions; retrain the head with this encoder")
-        self.head = {k: v.detach().to("cpu", torch.float32) for k, v in self.head.items()}
+        # Loaded or fresh from training, the head is used in one layout (see head_logits).
+        self.head = _canonical_head(self.head)
         self.name = name
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
