@@ -15,15 +15,31 @@ def _ref_greedy(model, ids, T):
     return out[0, ids.shape[1]:].tolist()
 
 
+def _assert_greedy_agrees(model, ids, tokens, T, tie=1e-4):
+    """Greedy tokens of the sampler against ``generate``: two code paths (cache layout, kernels), so
+    equality is required except where generate's own top two logits are within ``tie`` of each
+    other at the first differing step; there float rounding may legitimately pick either."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=T,
+                         output_scores=True, return_dict_in_generate=True)
+    ref = out.sequences[0, ids.shape[1]:].tolist()
+    for t, (a, b) in enumerate(zip(tokens, ref)):
+        if a != b:
+            top2 = torch.topk(out.scores[t][0].float(), 2).values
+            assert float(top2[0] - top2[1]) <= tie, (t, tokens, ref)
+            return
+    assert len(tokens) == len(ref), (tokens, ref)
+
+
 def _tokens(g, i):
     return g.tokens[i, : g.lengths[i]].tolist()
 
 
-def test_greedy_equals_generate_tiny(tiny_lm, tokenizer):
-    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=12, decode="greedy")
+def test_greedy_equals_generate_tiny(tiny_lm64, tokenizer):
+    # float64: the two code paths cannot round a greedy choice differently
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=12, decode="greedy")
     for p in PROMPTS:
         ids = s.encode(p, chat=True)
-        assert _tokens(s.generate(ids, 1), 0) == _ref_greedy(tiny_lm, ids, 12)
+        assert _tokens(s.generate(ids, 1), 0) == _ref_greedy(tiny_lm64, ids, 12)
 
 
 def _reference_sample(model, sampler, ids, n, T, generator, control=None):
@@ -125,7 +141,7 @@ def test_control_steers_only_the_first_tau_tokens(tiny_lm, tokenizer):
     assert (g.tokens[:, :3] == target).all()
     # tau = 0 is no control at all
     g0 = s.generate(ids, 2, control=torch.zeros(2, 0, s.d))
-    assert _tokens(g0, 0) == _ref_greedy(tiny_lm, ids, 6)
+    _assert_greedy_agrees(tiny_lm, ids, _tokens(g0, 0), 6)
 
 
 def test_eos_ends_a_row_and_the_others_continue(tiny_lm, tokenizer):
@@ -171,7 +187,8 @@ def test_smollm_greedy_equals_generate(smollm):
     s = PrelogitSampler(model, tok, max_new_tokens=16, decode="greedy")
     for p in PROMPTS:
         ids = s.encode(p, chat=True)
-        assert _tokens(s.generate(ids, 1), 0) == _ref_greedy(model, ids, 16)
+        # bf16: a logit of size ~16 is rounded in steps of 0.06, so a near-tie may go either way
+        _assert_greedy_agrees(model, ids, _tokens(s.generate(ids, 1), 0), 16, tie=0.125)
 
 
 @pytest.mark.integration

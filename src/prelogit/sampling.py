@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .checks import ParameterError, check_choice, check_number
 
@@ -122,16 +124,66 @@ def control_fn(control: torch.Tensor) -> PrelogitFn:
     return fn
 
 
-def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
     """One draw per row from the categorical ``probs`` (b, V), driven by uniforms ``u`` (b,) in [0, 1).
 
     Token j is chosen when cdf[j-1] <= u * cdf[V-1] < cdf[j]; a token of probability zero has an
-    empty interval and is never chosen. The CDF is accumulated in float64, so its rounding over a
-    50k-token vocabulary is far below any probability that matters.
+    empty interval and is never chosen. The CDF is found in two levels, in float64: sums of
+    blocks of ``block`` tokens locate the block, then a cumulative sum inside that one block
+    locates the token. (A row-wise cumulative sum over a 50k vocabulary is a sequential scan and
+    took 7% of decoding time; block sums vectorise.) Sums of float32 values in float64 are exact
+    for any realistic vocabulary, so both levels see the same CDF.
     """
-    cdf = probs.double().cumsum(dim=-1)
-    x = (u.double() * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+    b, V = probs.shape
+    nb = -(-V // block)
+    p = torch.nn.functional.pad(probs, (0, nb * block - V)) if nb * block != V else probs
+    p = p.view(b, nb, block)
+    block_cdf = p.sum(-1, dtype=torch.float64).cumsum(-1)  # (b, nb)
+    x = u.to(torch.float64) * block_cdf[:, -1]
+    k = torch.searchsorted(block_cdf, x.unsqueeze(1), right=True).squeeze(1).clamp_max(nb - 1)
+    rows = torch.arange(b, device=probs.device)
+    below = torch.where(k > 0, block_cdf[rows, (k - 1).clamp_min(0)], torch.zeros_like(x))
+    inner = p[rows, k].to(torch.float64).cumsum(-1)  # (b, block)
+    # x - below lies in [0, block total); keep it strictly below the block's last CDF value, so the
+    # draw lands on a token of positive probability even if the two float64 sums differ in the last bit.
+    rest = torch.minimum(x - below, torch.nextafter(inner[:, -1], torch.zeros_like(x)))
+    j = torch.searchsorted(inner, rest.unsqueeze(1), right=True).squeeze(1).clamp_max(block - 1)
+    return (k * block + j).clamp_max(V - 1)
+
+
+class _AppendLayer(DynamicLayer):
+    """A KV-cache layer with room reserved for the whole generation: appending a token writes in
+    place and hands attention a view, where ``DynamicLayer`` concatenates (copying the whole cache
+    at every token: 23% of decoding time at 256 rows). Dropping rows copies once, as before."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        rows, heads, length, dim = keys.shape
+        self._k = keys.new_empty(rows, heads, capacity, dim)
+        self._v = values.new_empty(rows, heads, capacity, values.shape[-1])
+        self._k[:, :, :length] = keys
+        self._v[:, :, :length] = values
+        self.length = length
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        self._k[:, :, self.length:self.length + n] = key_states
+        self._v[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
 
 
 class PrelogitSampler:
@@ -197,8 +249,6 @@ class PrelogitSampler:
         """
         if isinstance(prompts, (str, torch.Tensor)) or len(prompts) == 0:
             raise ParameterError("prompts must be a non-empty list of prompts (text or token ids)")
-        from transformers import DynamicCache
-
         ids = [self.encode(p)[0].tolist() for p in prompts]
         P = max(len(x) for x in ids)
         pad = torch.full((len(ids), P), self.pad_id, dtype=torch.long, device=self.device)
@@ -365,13 +415,14 @@ class PrelogitSampler:
                      lengths: torch.Tensor, finished: torch.Tensor, prelogits: torch.Tensor | None,
                      calls: torch.Tensor) -> None:
         """Decode one micro-batch of rows to EOS or T tokens, writing into the call's output tensors."""
-        from transformers import DynamicCache
-
         src = prompt_of_row[rows].to(self.device)
-        cache = DynamicCache(config=self.model.config)
-        for layer, (k, v) in enumerate(pre.kv):
-            cache.update(k[src], v[src], layer)
         P = pre.mask.shape[1]
+        cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers) and len(cache.layers) == len(pre.kv):
+            cache.layers = [_AppendLayer(k[src], v[src], P + T) for k, v in pre.kv]
+        else:  # sliding-window or other special layers: let transformers manage them
+            for layer, (k, v) in enumerate(pre.kv):
+                cache.update(k[src], v[src], layer)
         mask = torch.cat([pre.mask[src], torch.ones(len(rows), T, dtype=torch.long, device=self.device)], dim=1)
         plen = pre.lengths[src]
         active = rows
