@@ -74,7 +74,7 @@ SEED = integer(0)
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": check_device,
-              "cache_dir": string, "threads": integer(0)},
+              "cache_dir": string, "threads": integer(0), "max_rows": integer(1)},
     "generation": {"max_new_tokens": integer(1), "decode": choice("sample", "greedy"), "temperature": POS,
                    "top_k": integer(0), "top_p": num(0, 1, low_open=True)},
     "reward": {"kind": choice("embedded", "hf"), "name": optional(string), "dtype": choice("float32", "bfloat16", "float16")},

@@ -17,7 +17,7 @@ from .io import read_jsonl
 from .metrics import distinct_ngram_diversity, expected_best_of_n
 from .models import load_model
 from .rewards import build_judges, build_reward, MiniLMEncoder
-from .sampling import PrelogitSampler
+from .sampling import DEFAULT_MAX_ROWS, PrelogitSampler
 from .theory import kl_best_of_n
 
 
@@ -43,13 +43,14 @@ def set_threads(threads: int) -> int:
 
 def build_sampler(model_name: str, model_dtype: str, model_device: str, model_cache_dir: str,
                   max_new_tokens: int, decode: str, temperature: float, top_k: int, top_p: float,
-                  model_threads: int = 0):
-    """Load the LM and wrap it in a :class:`PrelogitSampler`; returns (sampler, load seconds)."""
+                  model_threads: int = 0, model_max_rows: int = DEFAULT_MAX_ROWS):
+    """Load the LM and wrap it in a :class:`PrelogitSampler` (``model_max_rows`` rows per forward pass);
+    returns (sampler, load seconds)."""
     set_threads(model_threads)
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_name, dtype=model_dtype, device=model_device, cache_dir=model_cache_dir)
     sampler = PrelogitSampler(model, tokenizer, max_new_tokens=max_new_tokens, decode=decode,
-                              temperature=temperature, top_k=top_k, top_p=top_p)
+                              temperature=temperature, top_k=top_k, top_p=top_p, max_rows=model_max_rows)
     return sampler, time.perf_counter() - t0
 
 
