@@ -218,19 +218,56 @@ def test_recontrol_ascent_steers_decoding(tiny_lm, tokenizer):
     assert all(a > b for a, b in zip(g.meta["value_after"], g.meta["value_before"]))
 
 
+def test_recontrol_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
+    """RE-Control's ascent acts row by row, so batching prompts changes nothing (float64 model,
+    linear value: no rounding can differ between the paths)."""
+    from prelogit.recontrol import recontrol_generate_many
+
+    W = tiny_lm64.get_output_embeddings().weight.detach()
+    value = lambda z: z.double() @ W[7]  # noqa: E731
+    sampler = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=6)
+    prompts = [chat(tokenizer, u) for u in USER_TURNS]
+    alone = [recontrol_generate(sampler, p, value, step_size=0.01, n_steps=3) for p in prompts]
+    sampler.max_rows = 3
+    many = recontrol_generate_many(sampler, prompts, value, step_size=0.01, n_steps=3)
+    for a, b in zip(alone, many):
+        assert torch.equal(a.tokens, b.tokens)
+        assert a.meta["value_grad_steps"] == b.meta["value_grad_steps"]
+        # V is a float64 matrix-vector product over batches of other shapes: equal to float64 rounding
+        torch.testing.assert_close(torch.tensor(a.meta["value_before"]), torch.tensor(b.meta["value_before"]),
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_args_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
+    from prelogit.args import args_generate_many
+
+    prompts = [chat(tokenizer, u) for u in USER_TURNS]
+    alone = [args_generate(tiny_lm64, tokenizer, p, u, LetterCount(), k=5, w=2.0, max_new_tokens=6)
+             for p, u in zip(prompts, USER_TURNS)]
+    reward = LetterCount()
+    sampler = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=6, max_rows=3)
+    many = args_generate_many(sampler, prompts, USER_TURNS, reward, k=5, w=2.0)
+    for a, b in zip(alone, many):
+        assert a.tokens.tolist() == b.tokens.tolist() and torch.equal(a.chosen, b.chosen)
+        assert torch.equal(a.rewards, b.rewards) and a.reward_calls == b.reward_calls
+    # all prompts' candidates of a step share one reward call (micro-batches of 3 rows: 2 per step)
+    assert reward.calls == 2 * 6 and reward.texts_scored == 5 * 6 * len(prompts)
+
+
 @pytest.fixture(scope="module")
 def tiny_dataset(tiny_lm, tokenizer):
     sampler = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=8)
     reward = LetterCount("e")
     data = collect_training_data(sampler, [chat(tokenizer, u) for u in USER_TURNS], USER_TURNS, reward,
-                                 samples_per_prompt=4, generator=torch.Generator().manual_seed(0))
+                                 samples_per_prompt=4,
+                                 generators=[torch.Generator().manual_seed(i) for i in range(len(USER_TURNS))])
     return data, reward
 
 
 def test_collect_training_data(tiny_dataset):
     data, reward = tiny_dataset
     assert len(data) == 16 and data.prelogits.shape[0] == 16 and data.prelogits.shape[2] == 32
-    assert reward.calls == 4 and reward.texts_scored == 16  # one batched call per prompt
+    assert reward.calls == 1 and reward.texts_scored == 16  # one batched call for all prompts
     assert data.prompt_index.tolist() == [i for i in range(4) for _ in range(4)]
     assert data.rewards.tolist() == [float(t.lower().count("e")) for t in data.texts]
     assert (data.prelogits[~data.mask] == 0).all() and (data.prelogits[data.mask].norm(dim=-1) > 0).all()
@@ -303,7 +340,7 @@ def test_recontrol_on_smollm(smollm):
     sampler = PrelogitSampler(model, tokenizer, max_new_tokens=8, temperature=0.7, top_k=50, top_p=0.95)
     users = USER_TURNS[:3]
     data = collect_training_data(sampler, [chat(tokenizer, u) for u in users], users, LetterCount("e"),
-                                 samples_per_prompt=3, generator=torch.Generator().manual_seed(0))
+                                 samples_per_prompt=3, generators=[torch.Generator().manual_seed(i) for i in range(3)])
     mlp, metrics = train_value(data, d=sampler.d, epochs=30, lr=1e-3, batch_size=4, seed=0, holdout=0.34)
     assert metrics["final_loss"] < metrics["first_loss"]
     t0 = time.perf_counter()

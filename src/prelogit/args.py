@@ -23,6 +23,7 @@ default is 0.7; pass ``temperature=0.7`` to match it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ import torch
 
 from .checks import ParameterError, check_choice, check_number
 from .metrics import CostMeter
+from .rewards import check_scores
 from .sampling import PrelogitSampler
 
 DECODES = ("greedy", "sample")
@@ -45,7 +47,8 @@ class ArgsResult:
     logits; rewards (T, k') the reward of each extended response; chosen (T,) the index into
     the k' candidates that was taken (0 = the plain greedy token).
     cost: forward calls (one per generated token, the prefill included), texts scored
-    (reward_calls = k' per step), score calls (one per step) and the time split.
+    (reward_calls = k' per step), score calls (one per step, shared with the other prompts of a
+    batched run) and the time split.
     """
 
     text: str
@@ -75,13 +78,91 @@ class ArgsResult:
                 "chosen": self.chosen.tolist(), "deviation_rate": self.deviation_rate, "cost": self.cost.as_dict()}
 
 
+def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequence[int] | torch.Tensor],
+                       user_texts: Sequence[str], reward, k: int = 10, w: float = 1.0, max_new_tokens: int | None = None,
+                       decode: str = "greedy", generators: Sequence[torch.Generator | None] | None = None,
+                       temperature: float = 1.0) -> list[ArgsResult]:
+    """ARGS on several prompts at once: one row per prompt in the sampler's batched loop.
+
+    At every step the k candidates of all prompts still generating go into one reward call (the
+    reward model chunks it). A prompt's result does not depend on the others: its candidates come
+    from its own logits, its reward from its own texts, and with ``decode="sample"`` its draw from
+    its own generator. Arguments as :func:`args_generate`; ``generators`` gives one per prompt.
+    """
+    check_number("k", k, low=1, integer=True)
+    check_number("w", w, low=0)
+    check_choice("decode", decode, DECODES)
+    check_number("temperature", temperature, low=0, low_open=True)
+    if isinstance(user_texts, str) or not all(isinstance(u, str) for u in user_texts):
+        raise ParameterError("user_texts must be a list of strings (the raw user turns)")
+    if len(user_texts) != len(prompts) or not prompts:
+        raise ParameterError(f"give one user text per prompt: {len(prompts)} prompts, {len(user_texts)} user texts")
+    if not callable(getattr(reward, "score", None)):
+        raise ParameterError(f"reward must have a score(prompts, responses) method, got {type(reward).__name__}")
+    generators = list(generators) if generators is not None else [None] * len(prompts)
+    if len(generators) != len(prompts):
+        raise ParameterError(f"give one generator per prompt: {len(prompts)} prompts, {len(generators)} generators")
+    tokenizer = sampler.tokenizer
+    P = len(prompts)
+    steps: list[dict[str, list]] = [{"cands": [], "logits": [], "rewards": [], "chosen": []} for _ in range(P)]
+    meters = [CostMeter() for _ in range(P)]
+    reward_seconds = 0.0
+
+    def choose(logits: torch.Tensor, t: int, rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        nonlocal reward_seconds
+        top = torch.topk(logits.float(), min(k, logits.shape[-1]))  # sorted by logit, descending
+        kk = top.indices.shape[1]
+        t0 = time.perf_counter()
+        # Decode prefix + candidate together: BPE pieces merge with their neighbours.
+        texts = [x.strip() for x in tokenizer.batch_decode(
+            [prefix[i].tolist() + [c] for i in range(len(rows)) for c in top.indices[i].tolist()],
+            skip_special_tokens=True)]
+        r = check_scores(reward.score([user_texts[int(p)] for p in rows for _ in range(kk)], texts), len(texts),
+                         getattr(reward, "name", type(reward).__name__)).view(len(rows), kk)
+        seconds = time.perf_counter() - t0
+        reward_seconds += seconds
+        # float64: with a large w, float32 would round away the logit that breaks reward ties.
+        score = top.values.cpu().double() + w * r.double()
+        chosen = []
+        for i, p in enumerate(rows.tolist()):
+            if decode == "greedy":
+                j = int(torch.argmax(score[i]))  # first maximum: ties go to the higher logit
+            else:
+                j = int(torch.multinomial(torch.softmax(score[i] / temperature, dim=0), 1, generator=generators[p]))
+            chosen.append(j)
+            st = steps[p]
+            st["cands"].append(top.indices[i].cpu())
+            st["logits"].append(top.values[i].cpu())
+            st["rewards"].append(r[i])
+            st["chosen"].append(j)
+            meters[p].add_scored(kk)
+            meters[p].time_reward_s += seconds / len(rows)
+        return top.indices[torch.arange(len(rows)), torch.tensor(chosen)]
+
+    t0 = time.perf_counter()
+    gens = sampler.generate_many(prompts, [1] * P, max_new_tokens=max_new_tokens, decode="greedy", chooser=choose)
+    generation_seconds = time.perf_counter() - t0 - reward_seconds
+    total = sum(g.new_tokens for g in gens) or 1
+    out = []
+    for p, g in enumerate(gens):
+        m = meters[p]
+        m.add_generation(g)
+        m.time_generation_s += generation_seconds * g.new_tokens / total
+        st = steps[p]
+        out.append(ArgsResult(text=g.texts[0], tokens=g.tokens[0, : g.lengths[0]].clone(), finished=bool(g.finished[0]),
+                              candidates=torch.stack(st["cands"]), logits=torch.stack(st["logits"]),
+                              rewards=torch.stack(st["rewards"]), chosen=torch.tensor(st["chosen"], dtype=torch.long),
+                              cost=m))
+    return out
+
+
 def args_generate(model, tokenizer, prompt_ids_or_text: str | Sequence[int] | torch.Tensor, user_text: str, reward,
                   k: int = 10, w: float = 1.0, max_new_tokens: int = 24, decode: str = "greedy",
                   generator: torch.Generator | None = None, temperature: float = 1.0) -> ArgsResult:
-    """Generate one response with ARGS.
+    """Generate one response with ARGS (:func:`args_generate_many` with a single prompt).
 
     Args:
-        model, tokenizer: the causal LM (batch 1, with a ``DynamicCache``) and its tokenizer.
+        model, tokenizer: the causal LM and its tokenizer.
         prompt_ids_or_text: the templated prompt as text, or its token ids.
         user_text: the raw user turn, passed to the reward model as the prompt.
         reward: any object with ``score(prompts, responses) -> (n,)`` (see :mod:`prelogit.rewards`).
@@ -95,66 +176,11 @@ def args_generate(model, tokenizer, prompt_ids_or_text: str | Sequence[int] | to
     Returns:
         An :class:`ArgsResult`.
     """
-    check_number("k", k, low=1, integer=True)
-    check_number("w", w, low=0)
     check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
-    check_choice("decode", decode, DECODES)
-    check_number("temperature", temperature, low=0, low_open=True)
     if not isinstance(user_text, str):
         raise ParameterError(f"user_text must be a string (the raw user turn), got {type(user_text).__name__}")
-    if not callable(getattr(reward, "score", None)):
-        raise ParameterError(f"reward must have a score(prompts, responses) method, got {type(reward).__name__}")
-
-    # The sampler supplies the prompt encoding and the EOS set, so ARGS and every other method
-    # read prompts and stop on exactly the same tokens.
-    base = PrelogitSampler(model, tokenizer, max_new_tokens=max_new_tokens, decode="greedy")
-    ids = base.encode(prompt_ids_or_text)
-    device = base.device
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    meter = CostMeter()
-    response: list[int] = []
-    cands, cand_logits, cand_rewards, chosen = [], [], [], []
-    finished = False
-    eos = set(base.eos_ids.tolist())
-    step_ids = ids
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            with meter.generation():
-                mask = torch.ones(1, ids.shape[1] + len(response), dtype=torch.long, device=device)
-                out = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
-                logits = out.logits[0, -1].float()
-                top = torch.topk(logits, min(k, logits.shape[-1]))  # sorted by logit, descending
-            meter.forward_calls += 1
-            with meter.reward():
-                # Decode prefix + candidate together: BPE pieces merge with their neighbours.
-                texts = [t.strip() for t in tokenizer.batch_decode(
-                    [response + [c] for c in top.indices.tolist()], skip_special_tokens=True)]
-            r = meter.score(reward, user_text, texts)
-            with meter.generation():
-                # float64: with a large w, float32 would round away the logit that breaks reward ties.
-                score = top.values.cpu().double() + w * r.double()
-                if decode == "greedy":
-                    j = int(torch.argmax(score))  # first maximum: ties go to the higher logit
-                else:
-                    probs = torch.softmax(score / temperature, dim=0)
-                    j = int(torch.multinomial(probs, 1, generator=generator))
-                tok = int(top.indices[j])
-            response.append(tok)
-            meter.new_tokens += 1
-            cands.append(top.indices.cpu())
-            cand_logits.append(top.values.cpu())
-            cand_rewards.append(r)
-            chosen.append(j)
-            if tok in eos:
-                finished = True
-                break
-            step_ids = torch.tensor([[tok]], device=device)
-    meter.generations = 1
-    text = tokenizer.decode(response, skip_special_tokens=True).strip()
-    return ArgsResult(text=text, tokens=torch.tensor(response, dtype=torch.long), finished=finished,
-                      candidates=torch.stack(cands), logits=torch.stack(cand_logits),
-                      rewards=torch.stack(cand_rewards), chosen=torch.tensor(chosen, dtype=torch.long), cost=meter)
+    # The sampler supplies the prompt encoding, the EOS set and the decoding loop, so ARGS and every
+    # other method read prompts and stop on exactly the same tokens.
+    sampler = PrelogitSampler(model, tokenizer, max_new_tokens=max_new_tokens, decode="greedy")
+    return args_generate_many(sampler, [prompt_ids_or_text], [user_text], reward, k=k, w=w, decode=decode,
+                              generators=[generator], temperature=temperature)[0]

@@ -286,8 +286,12 @@ class CostMeter:
 
         Returns (len(texts),) float32 (see :func:`prelogit.rewards.check_scores`).
         """
+        return self.score_pairs(reward, [user_text] * len(texts), texts)
+
+    def score_pairs(self, reward, user_texts: list[str], texts: list[str]) -> torch.Tensor:
+        """One ``reward.score`` call on (user text, response) pairs: timed, counted and checked."""
         with self.reward():
-            scores = reward.score([user_text] * len(texts), list(texts))
+            scores = reward.score(list(user_texts), list(texts))
         self.add_scored(len(texts))
         return check_scores(scores, len(texts), getattr(reward, "name", type(reward).__name__))
 

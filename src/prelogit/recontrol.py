@@ -99,39 +99,41 @@ class ValueDataset:
 
 
 def collect_training_data(sampler: PrelogitSampler, prompts: Sequence[str], user_texts: Sequence[str], reward,
-                          samples_per_prompt: int, generator: torch.Generator | None = None,
+                          samples_per_prompt: int, generators: Sequence[torch.Generator | None] | None = None,
                           max_new_tokens: int | None = None) -> ValueDataset:
     """Sample ``samples_per_prompt`` responses per prompt from the base model and label them.
+
+    All prompts are generated in one batched sampler call and scored in one reward call.
 
     Args:
         sampler: generates with its own decode settings (the official code samples at
             temperature 0.7, top-k 50, top-p 0.95); records the unperturbed pre-logits.
         prompts: templated prompts; user_texts: the raw user turns the reward sees, same order.
-        reward: ``score(prompts, responses) -> (n,)``; called once per prompt on all its samples.
+        reward: ``score(prompts, responses) -> (n,)``.
         samples_per_prompt: responses per prompt, >= 1.
-        generator: RNG for token sampling.
+        generators: one RNG per prompt for its token sampling (see :func:`prelogit.aisp.prompt_generator`).
         max_new_tokens: overrides the sampler's.
     """
     if isinstance(prompts, str) or isinstance(user_texts, str):
         raise ParameterError("prompts and user_texts must be lists of strings, not a single string")
+    prompts, user_texts = list(prompts), list(user_texts)
     if len(prompts) == 0 or len(prompts) != len(user_texts):
         raise ParameterError(f"prompts and user_texts must be non-empty and of equal length, got "
                              f"{len(prompts)} and {len(user_texts)}")
     check_number("samples_per_prompt", samples_per_prompt, low=1, integer=True)
     meter = CostMeter()
-    parts, lengths, rewards, index, texts = [], [], [], [], []
-    for i, (prompt, user) in enumerate(zip(prompts, user_texts)):
-        g = meter.generate(sampler, prompt, samples_per_prompt, generator=generator,
-                           max_new_tokens=max_new_tokens, record_prelogits=True)
-        rewards.append(meter.score(reward, user, g.texts))
-        parts.append(g.prelogits)
-        lengths.append(g.lengths)
-        index.append(torch.full((samples_per_prompt,), i, dtype=torch.long))
-        texts += g.texts
-    T = max(p.shape[1] for p in parts)
-    z = torch.cat([nn.functional.pad(p, (0, 0, 0, T - p.shape[1])) for p in parts])
-    return ValueDataset(prelogits=z, lengths=torch.cat(lengths), rewards=torch.cat(rewards),
-                        prompt_index=torch.cat(index), texts=texts, cost=meter)
+    with meter.generation():
+        gens = sampler.generate_many(prompts, [samples_per_prompt] * len(prompts), generators=generators,
+                                     max_new_tokens=max_new_tokens, record_prelogits=True)
+    for g in gens:
+        meter.add_generation(g)
+    texts = [t for g in gens for t in g.texts]
+    rewards = meter.score_pairs(reward, [u for u in user_texts for _ in range(samples_per_prompt)], texts)
+    T = max(g.prelogits.shape[1] for g in gens)
+    z = torch.cat([nn.functional.pad(g.prelogits, (0, 0, 0, T - g.prelogits.shape[1])) for g in gens])
+    index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+    return ValueDataset(prelogits=z, lengths=torch.cat([g.lengths for g in gens]), rewards=rewards,
+                        prompt_index=index, texts=texts, cost=meter)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -267,41 +269,52 @@ def value_ascent(value_fn: ValueFn, z: torch.Tensor, step_size: float, n_steps: 
     return x.to(z.dtype)
 
 
-def recontrol_generate(sampler: PrelogitSampler, prompt, value_fn: ValueFn, step_size: float = 0.5,
-                       n_steps: int = 30, max_new_tokens: int | None = None) -> Generation:
-    """One greedy response with RE-Control's gradient ascent on every generated token's pre-logit.
+def recontrol_generate_many(sampler: PrelogitSampler, prompts: Sequence, value_fn: ValueFn, step_size: float = 0.5,
+                            n_steps: int = 30, max_new_tokens: int | None = None) -> list[Generation]:
+    """One greedy response per prompt with RE-Control's gradient ascent on every generated token's
+    pre-logit, all prompts in one batched run (the ascent acts on each row separately).
 
     Args:
         sampler: the pre-logit sampler of the base model.
-        prompt: templated prompt text or token ids.
+        prompts: templated prompt texts or token ids.
         value_fn: V, pre-logits (b, d) float32 -> (b,), e.g. a trained :class:`ValueMLP` (put it
             on the sampler's device).
         step_size: gradient-ascent step (official code: 0.5-1.0), >= 0.
         n_steps: ascent steps per token (official code: 30), >= 0; 0 gives plain greedy decoding.
         max_new_tokens: overrides the sampler's.
     Returns:
-        The :class:`Generation`; ``meta`` holds ``value_grad_steps`` (total gradient evaluations
-        of V), and ``value_before`` / ``value_after`` (per generated token, V at the original and
-        at the moved pre-logit).
+        One :class:`Generation` per prompt; its ``meta`` holds ``value_grad_steps`` (total gradient
+        evaluations of V for that prompt), and ``value_before`` / ``value_after`` (per generated
+        token, V at the original and at the moved pre-logit).
     """
     check_number("step_size", step_size, low=0)
     check_number("n_steps", n_steps, low=0, integer=True)
     if isinstance(value_fn, nn.Module):
         value_fn.eval()
-    before: list[float] = []
-    after: list[float] = []
+    before: list[list[float]] = [[] for _ in prompts]
+    after: list[list[float]] = [[] for _ in prompts]
 
     def fn(z: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
         moved = value_ascent(value_fn, z, step_size, n_steps)
         with torch.no_grad():
-            before.append(float(value_fn(z.float())[0]))
-            after.append(float(value_fn(moved.float())[0]))
+            v0, v1 = value_fn(z.float()).tolist(), value_fn(moved.float()).tolist()
+        for i, r in enumerate(rows.tolist()):  # one row per prompt: row index = prompt index
+            before[r].append(v0[i])
+            after[r].append(v1[i])
         return moved
 
-    gen = sampler.generate(prompt, 1, prelogit_fn=fn, decode="greedy", max_new_tokens=max_new_tokens)
-    gen.meta.update({"value_grad_steps": n_steps * len(before), "value_before": before, "value_after": after,
-                     "step_size": step_size, "n_steps": n_steps})
-    return gen
+    gens = sampler.generate_many(list(prompts), [1] * len(prompts), prelogit_fn=fn, decode="greedy",
+                                 max_new_tokens=max_new_tokens)
+    for g, b, a in zip(gens, before, after):
+        g.meta.update({"value_grad_steps": n_steps * len(b), "value_before": b, "value_after": a,
+                       "step_size": step_size, "n_steps": n_steps})
+    return gens
+
+
+def recontrol_generate(sampler: PrelogitSampler, prompt, value_fn: ValueFn, step_size: float = 0.5,
+                       n_steps: int = 30, max_new_tokens: int | None = None) -> Generation:
+    """One greedy RE-Control response: :func:`recontrol_generate_many` with a single prompt."""
+    return recontrol_generate_many(sampler, [prompt], value_fn, step_size, n_steps, max_new_tokens)[0]
 
 
 # ---- persistence ------------------------------------------------------------------------------

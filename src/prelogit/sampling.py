@@ -37,6 +37,11 @@ from .checks import ParameterError, check_choice, check_number
 #: b pre-logits belong to (rows are numbered prompt by prompt, in the order the prompts were given).
 PrelogitFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
+#: A token rule instead of sampling: ``choose(logits, t, rows, prefix) -> tokens`` with logits (b, V)
+#: of the b active rows at step t, ``rows`` (b,) their indices among all rows of the call and
+#: ``prefix`` (b, t) the tokens they generated so far; returns (b,) token ids (used by ARGS).
+Chooser = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
 DECODES = ("sample", "greedy")
 
 #: Default rows per forward pass. With the embedded SmolLM2 in float32 a row's KV cache holds
@@ -321,7 +326,8 @@ class PrelogitSampler:
     def generate_many(self, prompts: Sequence[str | Sequence[int] | torch.Tensor] | Prefill, counts: Sequence[int],
                       controls: Sequence[torch.Tensor | None] | None = None, prelogit_fn: PrelogitFn | None = None,
                       generators: Sequence[torch.Generator | None] | None = None, max_new_tokens: int | None = None,
-                      decode: str | None = None, record_prelogits: bool = False) -> list[Generation]:
+                      decode: str | None = None, record_prelogits: bool = False,
+                      chooser: Chooser | None = None) -> list[Generation]:
         """Generate ``counts[i]`` continuations of each prompt i, all prompts in one batched run.
 
         Args:
@@ -335,6 +341,7 @@ class PrelogitSampler:
                 Greedy decoding draws nothing.
             max_new_tokens, decode: override the sampler's.
             record_prelogits: keep the unperturbed pre-logits z_t of every generated token.
+            chooser: a token rule replacing ``decode`` (see :data:`Chooser`); it draws no uniforms.
         Returns:
             One :class:`Generation` per prompt, in order.
         """
@@ -363,7 +370,7 @@ class PrelogitSampler:
         prompt_of_row = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
         # One uniform per (row, step), drawn prompt by prompt from the prompt's own generator.
         u = None
-        if decode == "sample":
+        if decode == "sample" and chooser is None:
             u = torch.cat([torch.rand(c, T, generator=g, dtype=torch.float64) for c, g in zip(counts, generators)])
         tokens = torch.full((R, T), self.pad_id, dtype=torch.long)
         lengths = torch.zeros(R, dtype=torch.long)
@@ -375,7 +382,7 @@ class PrelogitSampler:
             for s in range(0, R, self.max_rows):
                 rows = torch.arange(s, min(s + self.max_rows, R))
                 self._decode_rows(pre, rows, prompt_of_row, fn, decode, u, T, hook, tokens, lengths, finished,
-                                  prelogits, calls)
+                                  prelogits, calls, chooser)
         finally:
             hook.remove()
         out, start = [], 0
@@ -413,7 +420,7 @@ class PrelogitSampler:
     def _decode_rows(self, pre: Prefill, rows: torch.Tensor, prompt_of_row: torch.Tensor, fn: PrelogitFn | None,
                      decode: str, u: torch.Tensor | None, T: int, hook: _HeadHook, tokens: torch.Tensor,
                      lengths: torch.Tensor, finished: torch.Tensor, prelogits: torch.Tensor | None,
-                     calls: torch.Tensor) -> None:
+                     calls: torch.Tensor, chooser: Chooser | None = None) -> None:
         """Decode one micro-batch of rows to EOS or T tokens, writing into the call's output tensors."""
         src = prompt_of_row[rows].to(self.device)
         P = pre.mask.shape[1]
@@ -441,7 +448,10 @@ class PrelogitSampler:
             hook.fn = None
             if prelogits is not None:
                 prelogits[active, t] = hook.last.float().cpu()
-            nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
+            if chooser is not None:
+                nxt = chooser(logits, t, active, tokens[active, :t]).to(logits.device)
+            else:
+                nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
             tokens[active, t] = nxt.cpu()
             lengths[active] += 1
             done = torch.isin(nxt, self.eos_ids).cpu()
