@@ -2,6 +2,10 @@
 
 Every writer writes to a temporary file in the destination folder and renames it into place,
 so an interrupted run leaves the previous file intact.
+
+Timing is the only part of a result that may differ between two runs with the same seed. Its keys
+follow one naming convention, :func:`is_timing_key`, so tests can compare runs with
+:func:`strip_timing`.
 """
 
 from __future__ import annotations
@@ -67,6 +71,25 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
             for row in rows:
                 f.write(json.dumps(_plain(row), sort_keys=True) + "\n")
     return Path(path)
+
+
+def is_timing_key(key: str) -> bool:
+    """Whether a result key holds wall-clock time (which differs between otherwise identical runs).
+
+    The convention: ``seconds`` is one of the key's underscore-separated words (``seconds``,
+    ``sweep_seconds``, ``seconds_per_prompt``), or the key starts with ``time_`` (the per-record
+    cost's ``time_generation_s``). A timing key's whole value is timing (``"seconds": {...}``).
+    """
+    return "seconds" in key.split("_") or key.startswith("time_")
+
+
+def strip_timing(obj: Any) -> Any:
+    """A copy of a JSON object without its timing keys (:func:`is_timing_key`), at any depth."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if not is_timing_key(k)}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | os.PathLike) -> Any:
