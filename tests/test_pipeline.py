@@ -1,22 +1,35 @@
 """The whole DVC pipeline on the notebooks' smoke parameters, in a copy of the repository.
 
-Checks that ``dvc repro`` runs every stage through papermill, that a second ``dvc repro`` has
-nothing to do, and that a malformed params.yaml stops the first stage that reads it, naming the
-key, without touching the results already there.
+Checks that ``dvc repro`` runs every stage through ``prelogit.stage`` and papermill, that a second
+``dvc repro`` has nothing to do, that a malformed params.yaml stops the first stage that reads it,
+naming the key, without touching the results already there, that a stage killed mid-run or failing
+in its notebook leaves every previous output byte-identical (the failure's one-line error printed
+last), and that two runs with the same seed give the same samples and curves, timing aside.
+
+Every DVC run here loads ``tests/netguard/sitecustomize.py`` in each Python process it starts (DVC,
+the stage wrapper, papermill, the kernels): a connection off this machine is refused and logged,
+and :func:`_dvc` fails the test if the log is not empty.
 """
 
 import ast
 import hashlib
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import papermill as pm
+import psutil
 import pytest
 import yaml
 
 from prelogit import params
+from prelogit.io import strip_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.pipeline
@@ -36,13 +49,40 @@ def smoke_params() -> dict:
     return out
 
 
+def _env(repo: Path) -> dict:
+    """Offline, with the netguard loaded by every Python process, its refusals logged next to ``repo``."""
+    pythonpath = os.pathsep.join(p for p in (str(ROOT / "tests" / "netguard"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PYTHONPATH": pythonpath, "PRELOGIT_NETGUARD": "1", "PRELOGIT_NETGUARD_LOG": str(_netlog(repo)),
+            "PRELOGIT_NETGUARD_SEEN": str(repo.parent / "netguard-processes.log")}
+
+
+def _netlog(repo: Path) -> Path:
+    return repo.parent / "netguard.log"
+
+
+def _assert_no_network(repo: Path) -> None:
+    log = _netlog(repo)
+    refused = log.read_text() if log.exists() else ""
+    assert refused == "", f"a pipeline process tried to reach the network:\n{refused}"
+
+
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env)
+    run = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=_env(repo))
+    _assert_no_network(repo)
+    return run
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _results(repo: Path) -> dict[str, str]:
+    """sha256 of every file under results/, staging aside."""
+    root = repo / "results"
+    return {str(p.relative_to(root)): _sha(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and ".staging" not in p.relative_to(root).parts}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +108,14 @@ def test_repro_runs_every_stage_and_then_has_nothing_to_do(repo):
         executed = repo / "results" / stage / f"{stage}.ipynb"
         assert executed.exists()
         assert "start_time" not in executed.read_text()  # timestamps scrubbed
+        assert ".staging" not in executed.read_text()  # names the folder its outputs are in
+        flat = yaml.safe_load((repo / "results" / stage / "params.yaml").read_text())
+        assert flat["results_dir"] == f"results/{stage}"
+    assert not (repo / "results" / ".staging").exists()
     assert (repo / "dvc.lock").exists()
+    guarded = (repo.parent / "netguard-processes.log").read_text()
+    for process in ("bin/dvc repro", "-m prelogit.stage prepare", "-m prelogit.stage figures", "ipykernel_launcher"):
+        assert process in guarded, f"the netguard did not reach {process!r}:\n{guarded}"
     metrics = _dvc(repo, "metrics", "show", "--json")
     assert metrics.returncode == 0 and "best_reward" in metrics.stdout
     second = _dvc(repo, "repro")
@@ -93,3 +140,104 @@ def test_malformed_params_stop_the_stage_and_keep_results(repo):
         assert _sha(results) == before
     finally:
         (repo / "params.yaml").write_text(good)
+
+
+def _in_the_middle(executed: Path) -> bool:
+    """Papermill has saved the executed notebook with a cell completed and cells still to run."""
+    try:
+        nb = json.loads(executed.read_text())
+    except (OSError, ValueError):  # not written yet, or caught while papermill rewrites it
+        return False
+    status = [c.get("metadata", {}).get("papermill", {}).get("status") for c in nb["cells"]]
+    return "completed" in status and ("pending" in status or "running" in status)
+
+
+def test_killed_stage_leaves_previous_outputs_and_repro_recovers(repo):
+    before = _results(repo)
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["aisp"]["sigma"] = p["aisp"]["sigma"] * 1.5  # aisp (and figures after it) must re-run
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    executed = repo / "results" / ".staging" / "aisp" / "aisp.ipynb"
+    with open(repo.parent / "killed.log", "w") as out:
+        proc = subprocess.Popen(["dvc", "repro", "aisp"], cwd=repo, env=_env(repo), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not _in_the_middle(executed):
+                assert proc.poll() is None, "dvc repro aisp ended before it could be killed mid-run: " + \
+                    (repo.parent / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "aisp never got under way"
+                time.sleep(0.1)
+            # DVC, the wrapper and papermill share the group; the kernel runs in its own session
+            family = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for child in family:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert _results(repo) == before, "a killed stage changed results/"
+    _assert_no_network(repo)
+
+    # DVC drops lock entries of processes that no longer exist and the wrapper empties staging:
+    # a plain dvc repro is all a user has to run after a kill.
+    again = _dvc(repo, "repro")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "had been killed. Auto removed it from the lock file" in again.stdout + again.stderr
+    assert "Running stage 'aisp'" in again.stdout and "Running stage 'bon'" not in again.stdout
+    assert not (repo / "results" / ".staging").exists()
+    status = _dvc(repo, "status")
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+
+
+def test_same_seed_gives_identical_samples_and_curves(repo):
+    """bon and aisp re-run with the same parameters: identical results, timing keys aside."""
+    files = {"bon": ["samples.jsonl", "curve.json", "base_rewards.json", "metrics.json", "params.yaml"],
+             "aisp": ["samples.jsonl", "curve.json", "sweeps.json", "metrics.json", "params.yaml"]}
+    paths = [repo / "results" / stage / name for stage, names in files.items() for name in names]
+    first = {p: p.read_bytes() for p in paths}
+    run = _dvc(repo, "repro", "--force", "-s", "bon", "aisp")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Running stage 'bon'" in run.stdout and "Running stage 'aisp'" in run.stdout
+
+    def parsed(raw: bytes, path: Path):
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in raw.decode().splitlines()]
+        return json.loads(raw) if path.suffix == ".json" else raw
+
+    for path in paths:
+        old, new = parsed(first[path], path), parsed(path.read_bytes(), path)
+        if strip_timing(old) == old:  # nothing timed in it: the very same bytes
+            assert path.read_bytes() == first[path], f"{path.relative_to(repo)} differs between two runs"
+        else:
+            assert strip_timing(new) == strip_timing(old), f"{path.relative_to(repo)} differs beyond timing"
+    assert any(strip_timing(parsed(first[p], p)) != parsed(first[p], p) for p in paths if p.name == "samples.jsonl")
+
+
+def test_notebook_failure_prints_its_error_last_and_keeps_results(repo):
+    prompts = repo / "results" / "prepare" / "prompts.jsonl"
+    good = prompts.read_bytes()
+    before = _results(repo)
+    rows = [json.loads(line) for line in good.decode().splitlines()]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] != "test"))
+    broken = _results(repo)
+    try:
+        run = _dvc(repo, "repro", "-s", "bon")
+        assert run.returncode != 0
+        expected = re.compile(r"error: stage bon failed in cell \d+: ValueError: results/prepare/prompts.jsonl has no "
+                              r"prompts in split 'test'; re-run the prepare stage")
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        ours = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        assert ours and expected.fullmatch(lines[ours[-1]]), run.stderr[-3000:]
+        # after the wrapper's own last line only DVC speaks ("ERROR: failed to reproduce ...")
+        assert all(line.startswith("ERROR") for line in lines[ours[-1] + 1:]), lines[ours[-1]:]
+        assert "failed notebook is kept at results/.staging/bon/bon.ipynb" in lines[ours[-1] - 1]
+        assert (repo / "results" / ".staging" / "bon" / "bon.ipynb").exists()
+        assert _results(repo) == broken  # nothing of bon's changed
+    finally:
+        prompts.write_bytes(good)
+    assert _results(repo) == before
