@@ -285,7 +285,7 @@ def test_train_value_decreases_loss_and_is_deterministic(tiny_dataset):
         assert ka == kb and torch.equal(va, vb)
     assert m_a["final_loss"] < 0.5 * m_a["first_loss"]
     assert m_a["n_train"] == 12 and m_a["n_heldout"] == 4 and m_a["n_heldout_prompts"] == 1
-    assert m_a["train_s"] > 0
+    assert m_a["train_seconds"] > 0
     _, m_c = train_value(data, **{**kw, "seed": 4})
     assert m_c["loss_history"] != m_a["loss_history"]
 
@@ -349,5 +349,5 @@ def test_recontrol_on_smollm(smollm):
     n = int(g.lengths[0])
     assert g.meta["value_grad_steps"] == 30 * n
     assert sum(g.meta["value_after"]) > sum(g.meta["value_before"])
-    print(f"\nRE-Control on SmolLM2: training {metrics['train_s']:.2f} s, held-out corr "
+    print(f"\nRE-Control on SmolLM2: training {metrics['train_seconds']:.2f} s, held-out corr "
           f"{metrics['heldout_corr_last']:.2f}; {n} tokens in {elapsed:.2f} s: {g.texts[0]!r}")

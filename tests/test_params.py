@@ -27,9 +27,9 @@ def test_injected_keys_match_the_notebook_parameters_cell(stage):
 def test_dvc_stage_tracks_the_sections_it_reads(stage):
     spec = DVC["stages"][stage]
     assert spec["params"] == params.STAGES[stage]["sections"]
-    assert f"python -m prelogit.params {stage}" in spec["cmd"]
+    assert spec["cmd"] == f"python -m prelogit.stage {stage}"
+    assert "src/prelogit/stage.py" in spec["deps"]
     assert f"notebooks/{stage}.ipynb" in spec["deps"]
-    assert f"-f results/{stage}/params.yaml" in spec["cmd"]
     for path in params.STAGES[stage]["paths"].values():
         if Path(path).suffix:
             assert path in spec["deps"], f"{stage} reads {path} but does not list it as a dep"

@@ -19,13 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 
 
 def _plain(obj: Any) -> Any:
     """Turn tensors, numpy values and paths into JSON-ready Python objects; NaN becomes None."""
-    if isinstance(obj, torch.Tensor):
-        return _plain(obj.tolist())
+    # tensors and numpy values (duck-typed, so that this module, and the params step, need no torch)
     if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
         return _plain(obj.tolist())
     if isinstance(obj, dict):

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -345,23 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _write_atomically(Path(args.out or f"results/{args.stage}/params.yaml"), yaml.safe_dump(flat, sort_keys=True))
+    from .io import atomic_path
+
+    with atomic_path(Path(args.out or f"results/{args.stage}/params.yaml")) as tmp:
+        tmp.write_text(yaml.safe_dump(flat, sort_keys=True))
     return 0
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write a temporary file next to ``path`` and rename it onto ``path``, as :func:`prelogit.io.atomic_path`
-    does; repeated here because ``prelogit.io`` imports torch, which this command must not wait for."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def train_value(dataset: ValueDataset, d: int, epochs: int = 50, lr: float = 1e-
         weight_decay: Adam's L2 penalty.
     Returns:
         ``(mlp, metrics)``; the MLP is in eval mode on the CPU. metrics: ``loss_history`` (mean
-        batch loss per epoch), ``first_loss``, ``final_loss``, ``train_s`` (seconds), sizes, and
+        batch loss per epoch), ``first_loss``, ``final_loss``, ``train_seconds``, sizes, and
         for the train and held-out parts the loss, the RMSE and the Pearson correlation with the
         reward of V at the last token (``*_corr_last``) and at the first token (``*_corr_first``).
         The first pre-logit depends only on the prompt, so ``*_corr_first`` is NaN when that part
@@ -234,11 +234,11 @@ def train_value(dataset: ValueDataset, d: int, epochs: int = 50, lr: float = 1e-
             opt.step()
             total, batches = total + float(loss.detach()), batches + 1
         history.append(total / batches)
-    train_s = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0
     mlp.eval()
 
     metrics: dict = {"loss_history": history, "first_loss": history[0], "final_loss": history[-1],
-                     "train_s": train_s, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
+                     "train_seconds": train_seconds, "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed,
                      "hidden": mlp.hidden, "layers": layers, "n_train": len(train),
                      "n_heldout": 0 if test is None else len(test), "n_heldout_prompts": n_hold,
                      "reward_std": float(dataset.rewards.std()) if len(dataset) > 1 else float("nan")}

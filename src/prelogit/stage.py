@@ -2,7 +2,7 @@
 
 ``python -m prelogit.stage STAGE [--params params.yaml]`` is every DVC stage's command:
 
-1. validate ``params.yaml`` for the stage (:func:`prelogit.params.stage_parameters`); a bad value
+1. validate ``params.yaml`` for the stage (:func:`prelogit.params.check_stage`: values, prompt counts, model sources, device); a bad value
    prints ``error: <message>`` and exits 2 before anything else starts;
 2. empty the staging folder ``results/.staging/STAGE/``, write the stage's flat parameters there
    and run ``notebooks/STAGE.ipynb`` with papermill, its ``results_dir`` pointing at the staging
@@ -54,7 +54,7 @@ def _move_all(src: Path, dst: Path, last: Path) -> None:
 def run_stage(stage: str, params_path: str | Path = "params.yaml") -> int:
     """Validate, execute in staging, then publish ``results/STAGE``; return the exit code."""
     try:
-        flat = params.stage_parameters(stage, params.load(params_path))
+        flat = params.check_stage(stage, params.load(params_path))
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
