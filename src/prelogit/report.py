@@ -89,8 +89,9 @@ def render_readme_block(results: str | Path = "results") -> str:
     lines.append(f"- AISP's sigma = {fig['aisp_sigma']} is {fig['aisp_sigma_over_rms']:.2f} times the RMS of SmolLM2's "
                  f"pre-logits ({fig['prelogit_rms']:.2f} per dimension). Mean effective sample size "
                  f"{fig['aisp_ess_mean']:.2f} of n = {fig['aisp_n']}; KL(Q_U||P) of the final mean {fig['aisp_kl_final']:.0f} nats.")
-    lines.append(f"- Wall clock per prompt: AISP {fig['aisp_seconds_per_prompt']:.1f} s (K sequential rounds), "
-                 f"best-of-{fig['max_bon']} {fig['bon_seconds_per_prompt']:.1f} s (one batch).")
+    lines.append(f"- Wall clock per prompt (stage time over prompts, all prompts batched together): AISP "
+                 f"{fig['aisp_seconds_per_prompt']:.1f} s (K rounds in lockstep), best-of-{fig['max_bon']} "
+                 f"{fig['bon_seconds_per_prompt']:.1f} s.")
     th = fig["theory"]
     lines.append(f"- Theory: {th['n_checks'] - th['n_failed']} of {th['n_checks']} closed-form checks pass. Pre-logits: "
                  f"{th['gauss_share_pass']:.0%} of dimensions pass a per-dimension normality test at level {th['gauss_level']} "
@@ -103,8 +104,39 @@ def render_readme_block(results: str | Path = "results") -> str:
     lines.append("|---|---:|")
     for stage, sec in fig["stage_seconds"].items():
         lines.append(f"| {stage} | {sec:.0f} |")
+    bench = results / "benchmarks" / "sampling.json"
+    if bench.exists():
+        lines += [""] + benchmark_lines(read_json(bench))
     lines += ["", END]
     return "\n".join(lines)
+
+
+def benchmark_lines(b: dict) -> list[str]:
+    """The sampling benchmark's ratios (``benchmarks/sampling.py``), each beside its target."""
+    t = b["targets"]
+    ok = lambda value, target, higher: "met" if (value >= target if higher else value <= target) else "**not met**"  # noqa: E731
+    lines = [f"Sampling benchmark (`benchmarks/sampling.py`, one run: {b['prompts']} prompts, {b['tokens']} new tokens, "
+             f"{b['dtype']}, {b['torch_threads']} thread(s), {b['max_rows']} rows per forward pass; fp32 GEMM peak "
+             f"{b['gemm_peak_gflops']:.0f} GFLOP/s):", "",
+             "| figure | measured | target | |", "|---|---:|---:|---|"]
+    a = b["batched_over_one_prompt_tokens_per_s"]
+    lines.append(f"| (a) batched over one-prompt tokens/s, best-of-32 | {a:.2f} | >= {t['batched_over_one_prompt_tokens_per_s']} | "
+                 f"{ok(a, t['batched_over_one_prompt_tokens_per_s'], True)} |")
+    for N, r in b["aisp_over_bon_wall_clock"].items():
+        lines.append(f"| (b) AISP over best-of-N wall clock, N = {N} | {r:.2f} | <= {t['aisp_over_bon_wall_clock']} | "
+                     f"{ok(r, t['aisp_over_bon_wall_clock'], False)} |")
+    for N, shares in b["share_of_gemm_peak"].items():
+        for method, v in shares.items():
+            lines.append(f"| (c) share of GEMM peak, {'AISP' if method == 'aisp' else 'best-of-N'}, N = {N} | {v:.0%} | "
+                         f">= {t['share_of_gemm_peak']:.0%} | {ok(v, t['share_of_gemm_peak'], True)} |")
+    d = b["batched_bon_over_generate"]
+    lines.append(f"| (d) batched best-of-8 over `generate` prompt by prompt | {d:.2f}x | >= {t['batched_bon_over_generate']}x | "
+                 f"{ok(d, t['batched_bon_over_generate'], True)} |")
+    if "threads_study" in b:
+        lines.append("")
+        lines.append("Batched best-of-32 throughput by torch threads: " + "; ".join(
+            f"{k.replace('_tokens_per_s', '').replace('_', ' ')}: {v:.0f} tok/s" for k, v in b["threads_study"].items()) + ".")
+    return lines
 
 
 def update_readme(readme: str | Path = "README.md", results: str | Path = "results") -> bool:
