@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-
 def _plain(obj: Any) -> Any:
     """Turn tensors, numpy values and paths into JSON-ready Python objects; NaN becomes None."""
     # tensors and numpy values (duck-typed, so that this module, and the params step, need no torch)
