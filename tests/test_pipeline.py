@@ -219,17 +219,19 @@ def test_same_seed_gives_identical_samples_and_curves(repo):
 
 
 def test_notebook_failure_prints_its_error_last_and_keeps_results(repo):
-    prompts = repo / "results" / "prepare" / "prompts.jsonl"
-    good = prompts.read_bytes()
+    # A damaged reward head passes the params step (which checks values, counts and sources, not
+    # file contents) and fails inside the notebook, where it is first read.
+    head = repo / "results" / "prepare" / "reward_head.safetensors"
+    good = head.read_bytes()
     before = _results(repo)
-    rows = [json.loads(line) for line in good.decode().splitlines()]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] != "test"))
+    head.write_bytes(b"not a safetensors file")
     broken = _results(repo)
     try:
         run = _dvc(repo, "repro", "-s", "bon")
         assert run.returncode != 0
-        expected = re.compile(r"error: stage bon failed in cell \d+: ValueError: results/prepare/prompts.jsonl has no "
-                              r"prompts in split 'test'; re-run the prepare stage")
+        expected = re.compile(r"error: stage bon failed in cell \d+: RewardError: reward head "
+                              r"results/prepare/reward_head.safetensors is not a readable safetensors file .*; "
+                              r"re-create it with the prepare stage \(dvc repro prepare\)")
         lines = [line for line in run.stderr.splitlines() if line.strip()]
         ours = [i for i, line in enumerate(lines) if line.startswith("error: ")]
         assert ours and expected.fullmatch(lines[ours[-1]]), run.stderr[-3000:]
@@ -239,5 +241,5 @@ def test_notebook_failure_prints_its_error_last_and_keeps_results(repo):
         assert (repo / "results" / ".staging" / "bon" / "bon.ipynb").exists()
         assert _results(repo) == broken  # nothing of bon's changed
     finally:
-        prompts.write_bytes(good)
+        head.write_bytes(good)
     assert _results(repo) == before

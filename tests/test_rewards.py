@@ -223,6 +223,9 @@ def test_head_logits_do_not_depend_on_memory_alignment():
 def test_head_errors(encoder, tmp_path):
     with pytest.raises(FileNotFoundError, match="train it first"):
         load_head(tmp_path / "missing.safetensors")
+    (tmp_path / "damaged.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RewardError, match="damaged.safetensors is not a readable safetensors file.*dvc repro prepare"):
+        load_head(tmp_path / "damaged.safetensors")
     with pytest.raises(RewardError, match="384"):
         EmbeddingHeadReward(encoder, {"weight": torch.zeros(10), "bias": torch.zeros(1)})
     with pytest.raises(RewardError, match="lacks bias"):

@@ -248,7 +248,11 @@ def load_head(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"reward head {path} does not exist; train it first (the prepare stage: "
                                 "dvc repro) or point reward.head at an existing .safetensors file")
-    head = load_file(str(path))
+    try:
+        head = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise RewardError(f"reward head {path} is not a readable safetensors file ({err}); re-create it with the "
+                          "prepare stage (dvc repro prepare)") from err
     _check_head(head, where=str(path))
     return _canonical_head(head)
 
