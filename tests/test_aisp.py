@@ -1,5 +1,6 @@
 """AISP and best-of-N drivers on a tiny model with a simple, real text reward."""
 
+import dataclasses
 import math
 
 import pytest
@@ -163,3 +164,62 @@ def test_prompt_generator_depends_on_seed_and_key_only():
     draw = lambda seed, key: torch.rand(3, generator=prompt_generator(seed, key)).tolist()
     assert draw(0, "test-001") == draw(0, "test-001")
     assert draw(0, "test-001") != draw(0, "test-002") and draw(0, "test-001") != draw(1, "test-001")
+
+
+# ---- one configuration per prompt ---------------------------------------------------------------
+
+def test_aisp_many_with_per_prompt_configs_equals_each_prompt_alone(tiny_lm64, tokenizer):
+    """A list of configs (different sigma, lam, lam_mode, alpha, alpha_mode and tau; shared n, K, B):
+    each prompt's record equals the one it gets alone with its own config, tau = 0 included."""
+    from prelogit.aisp import run_aisp_many
+
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=5, max_rows=5)
+    base = dict(n=3, K=2, B=2, final_rollout=True)
+    cfgs = [AISPConfig(sigma=0.5, lam=0.05, tau=2, **base),
+            AISPConfig(sigma=1.5, lam=0.5, lam_mode="std", alpha=0.7, alpha_mode="step", tau=4, **base),
+            AISPConfig(sigma=0.2, lam=1e-3, alpha=0.3, alpha_mode="mppi", tau=0, **base),
+            AISPConfig(sigma=0.9, lam=2.0, lam_mode="std", tau=1, **base)]
+    prompts = [MANY[0], MANY[1], MANY[0], MANY[3]]  # a prompt may appear twice, under two arms
+    keys = ["a", "b", "a", "d"]
+    recs = run_aisp_many(s, VowelShare(), prompts, prompts, cfgs, [prompt_generator(9, k) for k in keys])
+    for rec, p, k, c in zip(recs, prompts, keys, cfgs):
+        alone = run_aisp(s, VowelShare(), p, p, c, prompt_generator(9, k))
+        assert rec["config"] == alone["config"] == dataclasses.asdict(c)
+        assert _results(rec) == _results(alone), c
+        for it, it_alone in zip(rec["iterations"], alone["iterations"]):
+            assert it["rewards"] == it_alone["rewards"] and it["responses"] == it_alone["responses"]
+            assert it["weights"] == it_alone["weights"]
+        assert rec["best"] == alone["best"]
+    # same prompt and generator key, different configs: the configs matter
+    assert recs[0]["iterations"] != recs[2]["iterations"]
+
+
+def test_aisp_many_single_config_equals_a_list_of_copies(tiny_lm64, tokenizer):
+    from prelogit.aisp import run_aisp_many
+
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=4)
+    cfg = AISPConfig(sigma=0.5, lam=0.1, n=2, K=2, tau=2)
+    one = run_aisp_many(s, VowelShare(), MANY[:2], MANY[:2], cfg, [prompt_generator(1, i) for i in range(2)])
+    many = run_aisp_many(s, VowelShare(), MANY[:2], MANY[:2], [cfg, cfg], [prompt_generator(1, i) for i in range(2)])
+    assert [_results(r) for r in one] == [_results(r) for r in many]
+
+
+@pytest.mark.parametrize("field, value", [("n", 4), ("K", 3), ("B", 2), ("final_rollout", False)])
+def test_aisp_many_configs_must_share_n_K_B_and_final_rollout(sampler, field, value):
+    from prelogit.aisp import run_aisp_many
+
+    base = AISPConfig(n=2, K=1, tau=1)
+    other = dataclasses.replace(base, **{field: value})
+    with pytest.raises(ParameterError, match=field):
+        run_aisp_many(sampler, VowelShare(), MANY[:2], MANY[:2], [base, other],
+                      [prompt_generator(0, i) for i in range(2)])
+
+
+def test_aisp_many_needs_one_config_per_prompt(sampler):
+    from prelogit.aisp import run_aisp_many
+
+    cfg = AISPConfig(n=2, K=1, tau=1)
+    with pytest.raises(ParameterError, match="one config per prompt: 2 prompts, 3 configs"):
+        run_aisp_many(sampler, VowelShare(), MANY[:2], MANY[:2], [cfg] * 3, [prompt_generator(0, i) for i in range(2)])
+    with pytest.raises(ParameterError, match="cfg"):
+        run_aisp_many(sampler, VowelShare(), MANY[:2], MANY[:2], {"n": 2}, [prompt_generator(0, i) for i in range(2)])

@@ -9,6 +9,9 @@ Prompts run in lockstep: each iteration generates every prompt's B * n rows in o
 (micro-batched by the sampler) and scores them with one reward call, and the prompts' prefill is
 computed once and reused by all K iterations. A prompt's noise and token draws come from its own
 generator (:func:`prompt_generator`), so its results do not depend on which prompts share its batch.
+Each prompt may have its own configuration (sigma, lambda, alpha and tau may differ; n, K, B and
+the final rollout are shared by the lockstep): a batch can hold several arms of a hyper-parameter
+search (:mod:`prelogit.tune`), each prompt getting exactly the record it would get alone.
 
 Because the iterations are sequential and do not look ahead, the best-so-far after k iterations of
 a K-iteration run *is* the answer of AISP with K = k: one run gives the whole reward-vs-samples
@@ -126,34 +129,69 @@ def _prefill(sampler: PrelogitSampler, prompts: Sequence[str], meters: list[Cost
     return pre
 
 
+SHARED_FIELDS = ("n", "K", "B", "final_rollout")
+
+
+def _per_prompt_configs(cfg: AISPConfig | Sequence[AISPConfig], P: int) -> list[AISPConfig]:
+    """One config per prompt from ``cfg`` (one config for all, or a list of P that share
+    :data:`SHARED_FIELDS`: the lockstep iterations need the same n, K, B and final rollout)."""
+    if isinstance(cfg, AISPConfig):
+        return [cfg] * P
+    if isinstance(cfg, (str, bytes, dict)) or not isinstance(cfg, Sequence):
+        raise ParameterError(f"cfg must be an AISPConfig or a list of them (one per prompt), got {type(cfg).__name__}")
+    cfgs = list(cfg)
+    if len(cfgs) != P:
+        raise ParameterError(f"give one config per prompt: {P} prompts, {len(cfgs)} configs")
+    for i, c in enumerate(cfgs):
+        if not isinstance(c, AISPConfig):
+            raise ParameterError(f"cfg[{i}] must be an AISPConfig, got {type(c).__name__}")
+    for field in SHARED_FIELDS:
+        values = [getattr(c, field) for c in cfgs]
+        if any(v != values[0] for v in values):
+            i = next(i for i, v in enumerate(values) if v != values[0])
+            raise ParameterError(f"all configs of one run_aisp_many call must share {field} (and "
+                                 f"{', '.join(f for f in SHARED_FIELDS if f != field)}): cfg[0].{field} = "
+                                 f"{values[0]!r} but cfg[{i}].{field} = {values[i]!r}")
+    return cfgs
+
+
 def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str], user_texts: Sequence[str],
-                  cfg: AISPConfig, generators: Sequence[torch.Generator], decode: str | None = None) -> list[dict]:
+                  cfg: AISPConfig | Sequence[AISPConfig], generators: Sequence[torch.Generator],
+                  decode: str | None = None) -> list[dict]:
     """AISP on several prompts in lockstep; one record per prompt, as :func:`run_aisp` returns.
 
     Args:
         sampler: the controlled sampler (its decode mode, max_new_tokens and max_rows apply).
         reward: the reward model that is optimised.
         prompts: the templated prompts fed to the LM; user_texts: the raw user turns the reward sees.
-        cfg: hyper-parameters, shared by all prompts.
+        cfg: hyper-parameters: one :class:`AISPConfig` shared by all prompts, or a list of them,
+            one per prompt. The configs of a list must share n, K, B and final_rollout (the
+            prompts iterate in lockstep) and may differ in sigma, lam, lam_mode, alpha, alpha_mode
+            and tau; a prompt's record is then exactly the one it gets alone with its own config.
         generators: one RNG per prompt for its noise and its token sampling
             (:func:`prompt_generator`).
         decode: overrides the sampler's decode mode (``sample`` or ``greedy``).
+    Raises:
+        ParameterError: a list of configs of the wrong length, or whose n, K, B or final_rollout differ.
     """
     _check_prompt_lists(prompts, user_texts, generators)
-    P, B, n, tau, d = len(prompts), cfg.B, cfg.n, cfg.tau, sampler.d
+    P, d = len(prompts), sampler.d
+    cfgs = _per_prompt_configs(cfg, P)
+    B, n, K, final_rollout = cfgs[0].B, cfgs[0].n, cfgs[0].K, cfgs[0].final_rollout
     meters = [CostMeter() for _ in range(P)]
     pre = _prefill(sampler, prompts, meters)
-    U = torch.zeros(P, B, tau, d)
+    U = [torch.zeros(B, c.tau, d) for c in cfgs]  # per prompt: tau differs between configs
     best = [{"reward": float("-inf"), "response": None, "iteration": None, "chain": None} for _ in range(P)]
     iterations: list[list[dict]] = [[] for _ in range(P)]
-    for k in range(1, cfg.K + 1):
-        V = torch.stack([U[p][:, None] + torch.randn(B, n, tau, d, generator=generators[p]) * cfg.sigma
-                         for p in range(P)])  # (P, B, n, tau, d)
-        gens = _generate(sampler, pre, [B * n] * P, meters, controls=list(V.reshape(P, B * n, tau, d)),
+    for k in range(1, K + 1):
+        # Drawn prompt by prompt from each prompt's own generator, in prompt order.
+        V = [U[p][:, None] + torch.randn(B, n, cfgs[p].tau, d, generator=generators[p]) * cfgs[p].sigma
+             for p in range(P)]  # each (B, n, tau_p, d)
+        gens = _generate(sampler, pre, [B * n] * P, meters, controls=[v.reshape(B * n, v.shape[2], d) for v in V],
                          generators=generators, decode=decode)
         scores = _score(reward, user_texts, gens, meters)
         for p in range(P):
-            r, g = scores[p].view(B, n), gens[p]
+            c, r, g = cfgs[p], scores[p].view(B, n), gens[p]
             i_best = int(torch.argmax(r.view(-1)))
             if float(r.view(-1)[i_best]) > best[p]["reward"]:
                 best[p] = {"reward": float(r.view(-1)[i_best]), "response": g.texts[i_best], "iteration": k,
@@ -162,23 +200,23 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                    "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
                    "best_so_far": dict(best[p])}
             for b in range(B):
-                lam_eff = cfg.lam if cfg.lam_mode == "absolute" else cfg.lam * max(float(r[b].std(unbiased=False)), 1e-8)
-                w = importance_weights(r[b], V[p, b], U[p, b], cfg.sigma, lam_eff, cfg.alpha, cfg.alpha_mode)
-                U[p, b] = update_mean(U[p, b], V[p, b], w, cfg.alpha, cfg.alpha_mode)
+                lam_eff = c.lam if c.lam_mode == "absolute" else c.lam * max(float(r[b].std(unbiased=False)), 1e-8)
+                w = importance_weights(r[b], V[p][b], U[p][b], c.sigma, lam_eff, c.alpha, c.alpha_mode)
+                U[p][b] = update_mean(U[p][b], V[p][b], w, c.alpha, c.alpha_mode)
                 rec["weights"].append(w.tolist())
                 rec["ess"].append(effective_sample_size(w))
                 rec["lam_eff"].append(lam_eff)
-                rec["U_norm"].append(float(U[p, b].norm()))
-                rec["kl"].append(float(kl_to_base(U[p, b], cfg.sigma)))
+                rec["U_norm"].append(float(U[p][b].norm()))
+                rec["kl"].append(float(kl_to_base(U[p][b], c.sigma)))
             iterations[p].append(rec)
     finals = [None] * P
-    if cfg.final_rollout:
+    if final_rollout:
         gens = _generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode)
         scores = _score(reward, user_texts, gens, meters)
         finals = [{"responses": g.texts, "rewards": s.tolist()} for g, s in zip(gens, scores)]
-    return [{"method": "aisp", "config": asdict(cfg), "samples_used": cfg.budget, "best": best[p],
+    return [{"method": "aisp", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
              "iterations": iterations[p], "final_rollout": finals[p],
-             "kl_final": [float(kl_to_base(U[p, b], cfg.sigma)) for b in range(B)], "cost": meters[p].as_dict()}
+             "kl_final": [float(kl_to_base(U[p][b], cfgs[p].sigma)) for b in range(B)], "cost": meters[p].as_dict()}
             for p in range(P)]
 
 

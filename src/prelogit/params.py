@@ -71,6 +71,30 @@ POS = num(0, low_open=True)
 UNIT = num(0, 1)
 SEED = integer(0)
 
+
+def tau_value(name: str, v: Any) -> None:
+    """A number of controlled tokens, or ``full`` (every generated token)."""
+    if v != "full":
+        integer(0)(name, v)
+
+
+#: Keys of one AISP arm of the tune stage (see :mod:`prelogit.tune`) and their checks.
+ARM_KEYS: dict[str, Check] = {"sigma_rms": POS, "lam": POS, "lam_mode": choice("absolute", "std"), "alpha": UNIT,
+                              "alpha_mode": choice("mppi", "step"), "tau": tau_value, "n": integer(1),
+                              "decode": choice("sample", "greedy")}
+
+
+def arm(name: str, v: Any) -> None:
+    if not isinstance(v, dict):
+        raise ParameterError(f"{name} must be a mapping with keys {', '.join(ARM_KEYS)}, got {v!r}")
+    missing, unknown = sorted(set(ARM_KEYS) - set(v)), sorted(set(v) - set(ARM_KEYS))
+    if missing or unknown:
+        raise ParameterError(f"{name}: " + "; ".join(x for x in (
+            f"missing key(s) {', '.join(missing)}" if missing else "",
+            f"unknown key(s) {', '.join(unknown)}" if unknown else "") if x))
+    for key, check in ARM_KEYS.items():
+        check(f"{name}.{key}", v[key])
+
 SCHEMA: dict[str, dict[str, Check]] = {
     "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": check_device,
               "cache_dir": string, "threads": integer(0), "max_rows": integer(1)},
@@ -81,15 +105,17 @@ SCHEMA: dict[str, dict[str, Check]] = {
                 "n_train": integer(1), "n_val": integer(0), "n_test": integer(1), "max_prompt_tokens": integer(8),
                 "reward_utterances": integer(50), "reward_threshold": num(0, 1, low_open=True, high_open=True),
                 "reward_seed": SEED},
-    "bon": {"seed": SEED, "n_prompts": integer(1), "max_samples": integer(1), "budgets": list_of(integer(1)),
-            "batch_size": integer(1)},
-    "aisp": {"seed": SEED, "n_prompts": integer(1), "sigma": POS, "lam": POS, "lam_mode": choice("absolute", "std"),
-             "alpha": UNIT, "alpha_mode": choice("mppi", "step"), "n": integer(1), "K": integer(1),
-             "tau": integer(0), "B": integer(1), "final_rollout": boolean,
-             "sweep_prompts": integer(1), "sweep_sigma": list_of(POS, 0), "sweep_lam": list_of(POS, 0),
-             "sweep_alpha": list_of(UNIT, 0), "sweep_tau": list_of(integer(0), 0),
-             "sweep_nK": list_of(list_of(integer(1), 2), 0), "sweep_B": list_of(integer(1), 0),
-             "sweep_decode": list_of(choice("sample", "greedy"), 0)},
+    "bon": {"seed": SEED, "n_prompts": integer(1), "max_samples": integer(1), "large_prompts": integer(0),
+            "large_samples": integer(1), "budgets": list_of(integer(1)), "batch_size": integer(1)},
+    "tune": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "rms_samples": integer(1), "center": arm,
+             "sigma_rms": list_of(POS, 0), "lam_absolute": list_of(POS, 0), "lam_std": list_of(POS, 0),
+             "alpha_mppi": list_of(UNIT, 0), "alpha_step": list_of(UNIT, 0), "tau": list_of(tau_value, 0),
+             "n": list_of(integer(1), 0), "decode": list_of(choice("sample", "greedy"), 0), "n_random": integer(0),
+             "rungs": list_of(integer(1)), "eta": integer(2)},
+    "aisp": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "large_prompts": integer(0),
+             "large_N": integer(1), "final_rollout": boolean, "lit_prompts": integer(0), "lit_sigma": POS,
+             "lit_alpha": UNIT, "lit_lams": list_of(POS, 0), "lit_n": integer(1), "lit_tau": tau_value,
+             "variance_prompts": integer(0), "variance_V": integer(2), "variance_reps": integer(2)},
     "theory": {"seed": SEED, "false_alarm": num(0, 1, low_open=True, high_open=True), "sigma": POS, "lam": POS,
                "kappa": POS, "offset": num(0), "quad_curvatures": list_of(num(0)), "dims": list_of(integer(1)),
                "n_grid": list_of(integer(2), 2), "n_seeds": integer(2), "iter_dim": integer(1), "iter_n": integer(2),
@@ -103,7 +129,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "recontrol": {"seed": SEED, "n_prompts": integer(1), "train_prompts": integer(2), "samples_per_prompt": integer(1),
                   "holdout": num(0, 1, high_open=True), "epochs": integer(1), "lr": POS, "batch_size": integer(1),
                   "hidden": integer(1), "layers": integer(1), "step_size": num(0), "n_steps": integer(0)},
-    "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED},
+    "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED,
+                "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS},
 }
 
 #: Sections each stage reads (its own first) and the fixed paths it reads and writes.
@@ -112,9 +139,13 @@ STAGES: dict[str, dict[str, Any]] = {
     "bon": {"sections": ["bon", "model", "generation", "reward"],
             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                       "reward_head_path": "results/prepare/reward_head.safetensors"}},
-    "aisp": {"sections": ["aisp", "model", "generation", "reward"],
+    "tune": {"sections": ["tune", "model", "generation", "reward"],
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                        "reward_head_path": "results/prepare/reward_head.safetensors"}},
+    "aisp": {"sections": ["aisp", "model", "generation", "reward"],
+             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                       "reward_head_path": "results/prepare/reward_head.safetensors",
+                       "tuned_path": "results/tune/selected.json"}},
     "theory": {"sections": ["theory", "model"], "paths": {"prompts_path": "results/prepare/prompts.jsonl"}},
     "args": {"sections": ["args", "model", "generation", "reward"],
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
@@ -124,6 +155,7 @@ STAGES: dict[str, dict[str, Any]] = {
                             "reward_head_path": "results/prepare/reward_head.safetensors"}},
     "figures": {"sections": ["figures"],
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
+                          "tune_dir": "results/tune",
                           "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol"}},
 }
 
@@ -161,12 +193,35 @@ def validate_section(params: dict, section: str) -> dict:
 
 def _cross_checks(section: str, v: dict) -> None:
     if section == "bon":
-        too_big = [b for b in v["budgets"] if b > v["max_samples"]]
+        if v["large_prompts"] > v["n_prompts"]:
+            raise ParameterError(f"bon.large_prompts = {v['large_prompts']} exceeds bon.n_prompts = {v['n_prompts']}; "
+                                 "the large runs use the first bon.n_prompts test prompts")
+        if v["large_samples"] < v["max_samples"]:
+            raise ParameterError(f"bon.large_samples = {v['large_samples']} is below bon.max_samples = "
+                                 f"{v['max_samples']}; raise it (or set bon.large_prompts: 0)")
+        top = v["large_samples"] if v["large_prompts"] else v["max_samples"]
+        too_big = [b for b in v["budgets"] if b > top]
         if too_big:
-            raise ParameterError(f"bon.budgets {too_big} exceed bon.max_samples = {v['max_samples']}")
-    if section == "aisp" and v["sweep_prompts"] > v["n_prompts"]:
-        raise ParameterError(f"aisp.sweep_prompts = {v['sweep_prompts']} exceeds aisp.n_prompts = {v['n_prompts']}; "
-                             "the sweeps run on the first aisp.n_prompts test prompts, so lower aisp.sweep_prompts")
+            raise ParameterError(f"bon.budgets {too_big} exceed the most samples drawn ({top})")
+    if section == "aisp":
+        for key in ("large_prompts", "lit_prompts", "variance_prompts"):
+            if v[key] > v["n_prompts"]:
+                raise ParameterError(f"aisp.{key} = {v[key]} exceeds aisp.n_prompts = {v['n_prompts']}; "
+                                     f"it counts from the first aisp.n_prompts test prompts, so lower aisp.{key}")
+        if v["large_N"] < v["N"] or v["large_N"] % v["N"]:
+            raise ParameterError(f"aisp.large_N = {v['large_N']} must be a multiple of aisp.N = {v['N']}, "
+                                 "so that the large runs extend the same iterations")
+        if v["N"] % v["lit_n"]:
+            raise ParameterError(f"aisp.N = {v['N']} is not a multiple of aisp.lit_n = {v['lit_n']}; "
+                                 "the budget is lit_n x K")
+    if section == "tune":
+        rungs = v["rungs"]
+        if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[-1] > v["n_prompts"]:
+            raise ParameterError(f"tune.rungs = {rungs} must increase strictly and end at most at tune.n_prompts = "
+                                 f"{v['n_prompts']} (they are cumulative prompt counts)")
+        for key, n in [("tune.center.n", v["center"]["n"])] + [(f"tune.n[{i}]", x) for i, x in enumerate(v["n"])]:
+            if v["N"] % n:
+                raise ParameterError(f"{key} = {n} does not divide tune.N = {v['N']}; the budget is n x K")
     if section == "prepare" and v["source"] != "chitchat" and not v["source_path"]:
         raise ParameterError(f"prepare.source_path must name the {v['source']} data file or hub id")
     if section == "reward" and v["kind"] == "hf" and not v["name"]:
@@ -192,7 +247,8 @@ def stage_parameters(stage: str, params: dict) -> dict:
 #: Prompt counts each stage reads from the prepared prompts file: (section.key, split, or the key naming it).
 PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
     "bon": [("bon.n_prompts", "test")],
-    "aisp": [("aisp.n_prompts", "test"), ("aisp.sweep_prompts", "test")],
+    "tune": [("tune.n_prompts", "val")],
+    "aisp": [("aisp.n_prompts", "test")],
     "args": [("args.n_prompts", "test")],
     "recontrol": [("recontrol.n_prompts", "test"), ("recontrol.train_prompts", "train")],
     "theory": [("theory.gauss_prompts", "theory.gauss_split")],
@@ -215,11 +271,16 @@ def check_across_sections(stage: str, params: dict) -> None:
     will ask for, where those sections are present and valid (their own stage reports them
     otherwise), so that a too-small prepare run is caught before it runs.
     """
-    if stage == "aisp":
+    if stage in ("aisp", "tune"):
         limit = params["generation"]["max_new_tokens"]
-        taus = [("aisp.tau", params["aisp"]["tau"])]
-        taus += [(f"aisp.sweep_tau[{i}]", t) for i, t in enumerate(params["aisp"]["sweep_tau"])]
+        if stage == "aisp":
+            taus = [("aisp.lit_tau", params["aisp"]["lit_tau"])]
+        else:
+            taus = [("tune.center.tau", params["tune"]["center"]["tau"])]
+            taus += [(f"tune.tau[{i}]", t) for i, t in enumerate(params["tune"]["tau"])]
         for key, tau in taus:
+            if tau == "full":
+                continue
             if tau > limit:
                 raise ParameterError(f"{key} = {tau} exceeds generation.max_new_tokens = {limit}: AISP controls "
                                      f"only generated tokens; lower {key} to at most {limit} "

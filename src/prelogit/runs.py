@@ -73,11 +73,14 @@ def judge_all(judges: dict, user_texts: list[str], responses: list[str]) -> dict
 def bon_curve(records: list[dict], budgets: list[int]) -> list[dict]:
     """Best-of-N at each budget from the same draws, per prompt (unbiased order-statistics estimate).
 
-    For the reward and for each judge, the judge's score of the reward-selected sample.
+    For the reward and for each judge, the judge's score of the reward-selected sample. A prompt
+    with fewer than N samples has no row at N (the large budgets run on a subset of the prompts).
     """
     rows = []
     for N in budgets:
         for rec in records:
+            if len(rec["rewards"]) < N:
+                continue
             r = torch.tensor(rec["rewards"])
             row = {"N": N, "prompt_id": rec["prompt_id"], "reward": expected_best_of_n(r, N),
                    "kl": kl_best_of_n(N)}

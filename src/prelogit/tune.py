@@ -1,0 +1,311 @@
+"""Budget-aware choice of AISP's configuration: candidate arms and successive halving.
+
+Search space. An *arm* is one AISP configuration at a fixed sample budget N, given by the factors
+``sigma_rms`` (the noise std in units of the RMS of the pre-logit coordinates, so that it carries
+over between models), ``lam`` with ``lam_mode`` (``absolute``: reward units; ``std``: units of the
+within-iteration reward std), ``alpha`` with ``alpha_mode`` (``mppi`` or ``step``, see
+:func:`prelogit.control.likelihood_ratio_coefficient`), ``tau`` (controlled tokens, or ``"full"``
+for all ``max_new_tokens``), ``n`` (samples per iteration; K = N / n iterations, one chain) and
+``decode`` (``sample`` or ``greedy`` decoding given the control). :func:`arm_config` turns an arm
+into an :class:`~prelogit.aisp.AISPConfig`.
+
+Arms (:func:`candidate_arms`). A *center* arm, then one-factor-at-a-time variations: for every
+value of every sweep, the center with that single factor (or mode and value, for lambda and
+alpha) changed; then ``n_random`` seeded random arms, each factor drawn independently among the
+values that appear for it in the center and the sweeps, so that interactions between factors get
+a few looks too. Duplicates are dropped (the first one is kept).
+
+Successive halving (:func:`successive_halving`). ``rungs`` are cumulative prompt counts. All arms
+run on the first ``rungs[0]`` prompts; after each rung the arms are ranked by their mean score over
+every prompt seen so far and the best ``ceil(alive / eta)`` go on to the next prompts. All arms alive
+at a rung have seen the same prompts, so the ranking compares them on paired data; with common
+random numbers (:func:`run_arms`: every arm draws its noise and tokens on a prompt from the same
+generator) the pairing also removes much of the sampling noise from the differences. Most of the
+budget thus goes to the promising arms, and the selected arm's estimate uses all prompts of the
+last rung.
+
+Score. The score of an (arm, prompt) pair is computed by the caller's ``evaluate`` from the
+record :func:`run_arms` returns; the tune stage uses the reward of the response AISP selects
+(``record["best"]["reward"]``) minus the best-of-N reward at the same budget N on the same prompt,
+so that prompts of different difficulty weigh alike and a positive mean means "better than
+best-of-N". Higher is better.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .aisp import AISPConfig, prompt_generator, run_aisp_many
+from .checks import ParameterError, check_number
+from .params import ARM_KEYS
+from .rewards import RewardModel
+from .sampling import PrelogitSampler
+
+#: The factors of an arm (every key but ``label``).
+FACTORS = ("sigma_rms", "lam", "lam_mode", "alpha", "alpha_mode", "tau", "n", "decode")
+
+#: Sweep keys -> (factor, mode): the mode is set along with the value for lambda and alpha.
+SWEEPS: dict[str, tuple[str, str | None]] = {
+    "sigma_rms": ("sigma_rms", None), "lam_absolute": ("lam", "absolute"), "lam_std": ("lam", "std"),
+    "alpha_mppi": ("alpha", "mppi"), "alpha_step": ("alpha", "step"), "tau": ("tau", None), "n": ("n", None),
+    "decode": ("decode", None)}
+
+#: The mode factor that goes with a factor that has modes.
+MODE_OF = {"lam": "lam_mode", "alpha": "alpha_mode"}
+
+
+def _check_arm(arm: dict, name: str) -> None:
+    """Every factor present (label aside) and valid, else a ParameterError naming ``name.key``."""
+    if not isinstance(arm, dict):
+        raise ParameterError(f"{name} must be a mapping with keys {', '.join(ARM_KEYS)}, got {arm!r}")
+    keys = set(arm) - {"label"}
+    missing, unknown = sorted(set(ARM_KEYS) - keys), sorted(keys - set(ARM_KEYS))
+    if missing or unknown:
+        raise ParameterError(f"{name}: " + "; ".join(x for x in (
+            f"missing key(s) {', '.join(missing)}" if missing else "",
+            f"unknown key(s) {', '.join(unknown)}" if unknown else "") if x))
+    for key, check in ARM_KEYS.items():
+        check(f"{name}.{key}", arm[key])
+
+
+def _factors(arm: dict) -> tuple:
+    """The arm without its label, as a hashable key (for dropping duplicates)."""
+    return tuple(arm[f] for f in FACTORS)
+
+
+def _unique(values: list) -> list:
+    """``values`` without repeats, in first-seen order."""
+    out: list = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def candidate_arms(center: dict, sweeps: dict[str, list], n_random: int, seed: int) -> list[dict]:
+    """The arms of the search: the center, its one-factor variations, and seeded random arms.
+
+    Args:
+        center: every factor of an arm (``sigma_rms, lam, lam_mode, alpha, alpha_mode, tau, n,
+            decode``); any ``label`` in it is replaced by ``"center"``.
+        sweeps: values to try, per key among :data:`SWEEPS`: ``sigma_rms``, ``tau``, ``n`` and
+            ``decode`` change that factor; ``lam_absolute`` / ``lam_std`` set ``lam`` with
+            ``lam_mode`` absolute / std; ``alpha_mppi`` / ``alpha_step`` set ``alpha`` with
+            ``alpha_mode`` mppi / step. Variations come in the order of ``sweeps``.
+        n_random: number of random arms, labelled ``random-1`` ... in the order drawn (a drawn arm
+            equal to an earlier arm is dropped, so a label may be missing).
+        seed: seed of the random arms (``random.Random(seed)``).
+    Returns:
+        Arms (dicts with ``label`` and the factors), the center first, without duplicates (same
+        factors, labels aside; the first is kept). Labels: ``center``, ``sigma_rms=0.5``,
+        ``lam(absolute)=0.001``, ``alpha(step)=0.9``, ``tau=full``, ``n=32``, ``decode=greedy``,
+        ``random-1``.
+    Raises:
+        ParameterError: an unknown sweep key (the message lists the allowed ones), a missing or
+            invalid factor, or a sweep that is not a list.
+    """
+    _check_arm(center, "center")
+    check_number("n_random", n_random, low=0, integer=True)
+    check_number("seed", seed, integer=True)
+    if not isinstance(sweeps, dict):
+        raise ParameterError(f"sweeps must be a mapping of sweep key to a list of values, got {sweeps!r}")
+    for key, values in sweeps.items():
+        if key not in SWEEPS:
+            raise ParameterError(f"unknown sweep key {key!r}; allowed: {', '.join(SWEEPS)}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ParameterError(f"sweep {key} must be a list of values, got {values!r}")
+
+    base = {"label": "center", **{f: center[f] for f in FACTORS}}
+    arms = [base]
+    for key, values in sweeps.items():
+        factor, mode = SWEEPS[key]
+        for v in values:
+            arm = dict(base, **{factor: v})
+            if mode is not None:
+                arm[MODE_OF[factor]] = mode
+                arm["label"] = f"{factor}({mode})={v}"
+            else:
+                arm["label"] = f"{factor}={v}"
+            _check_arm(arm, f"sweep {key}")
+            arms.append(arm)
+
+    # The values each factor may take in a random arm; lambda and alpha: per mode.
+    allowed: dict[str, Any] = {f: _unique([center[f]] + list(sweeps.get(f, []))) for f in ("sigma_rms", "tau", "n", "decode")}
+    for factor, mode_key in MODE_OF.items():
+        by_mode: dict[str, list] = {center[mode_key]: [center[factor]]}
+        for key, (f, mode) in SWEEPS.items():
+            if f == factor and sweeps.get(key):
+                by_mode[mode] = _unique(by_mode.get(mode, []) + list(sweeps[key]))
+        allowed[factor] = by_mode
+    rng = random.Random(seed)
+    for i in range(1, n_random + 1):
+        arm: dict[str, Any] = {}
+        for f in ("sigma_rms", "lam", "alpha", "tau", "n", "decode"):  # a fixed draw order
+            if f in MODE_OF:  # the mode first, then a value of that mode
+                arm[MODE_OF[f]] = rng.choice(list(allowed[f]))
+                arm[f] = rng.choice(allowed[f][arm[MODE_OF[f]]])
+            else:
+                arm[f] = rng.choice(allowed[f])
+        arms.append({"label": f"random-{i}", **{f: arm[f] for f in FACTORS}})
+
+    out, seen = [], set()
+    for arm in arms:
+        key = _factors(arm)
+        if key not in seen:
+            seen.add(key)
+            out.append(arm)
+    return out
+
+
+def arm_config(arm: dict, rms: float, max_new_tokens: int, N: int) -> AISPConfig:
+    """The :class:`AISPConfig` of ``arm`` at budget N: one chain, K = N / n, no final rollout.
+
+    Args:
+        arm: an arm of :func:`candidate_arms` (its ``decode`` is not part of the config).
+        rms: the RMS of the pre-logit coordinates; sigma = sigma_rms * rms.
+        max_new_tokens: the sampler's; ``tau = "full"`` means this many tokens.
+        N: the sample budget; it must be a multiple of the arm's n.
+    Raises:
+        ParameterError: tau > max_new_tokens, N not a multiple of n, or an invalid factor.
+    """
+    name = f"arm {arm.get('label', '?')!r}" if isinstance(arm, dict) else "arm"
+    _check_arm(arm, name)
+    check_number("rms", rms, low=0, low_open=True)
+    check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
+    check_number("N", N, low=1, integer=True)
+    tau = max_new_tokens if arm["tau"] == "full" else arm["tau"]
+    if tau > max_new_tokens:
+        raise ParameterError(f"{name}: tau must be at most max_new_tokens = {max_new_tokens} (AISP controls only "
+                             f"generated tokens), got tau = {tau}")
+    n = arm["n"]
+    if N % n:
+        raise ParameterError(f"{name}: the budget N = {N} is not a multiple of n = {n} (N = n x K)")
+    return AISPConfig(sigma=arm["sigma_rms"] * rms, lam=arm["lam"], lam_mode=arm["lam_mode"], alpha=arm["alpha"],
+                      alpha_mode=arm["alpha_mode"], n=n, K=N // n, tau=tau, B=1, final_rollout=False)
+
+
+Evaluate = Callable[[list[int], list[str]], dict[tuple[int, str], float]]
+
+
+def successive_halving(n_arms: int, prompt_ids: list[str], rungs: list[int], eta: int, evaluate: Evaluate) -> dict:
+    """Successive halving of ``n_arms`` arms over growing sets of prompts.
+
+    Args:
+        n_arms: the arms are 0 .. n_arms - 1.
+        prompt_ids: the prompts, in the order they are used (distinct).
+        rungs: cumulative prompt counts, strictly increasing, the last at most ``len(prompt_ids)``.
+        eta: after each rung ``ceil(alive / eta)`` arms (at least 1) go on; an integer >= 2.
+        evaluate: ``evaluate(arm_indices, new_prompt_ids)`` returns the score (higher is better)
+            of every requested (arm, prompt) pair as ``{(arm, prompt_id): score}``; it is called
+            once per rung, with the arms alive there and the rung's new prompts, so that the
+            caller can batch them.
+    Returns:
+        ``rungs``: per rung, ``{"rung": i, "prompts": cumulative prompt count, "arms": the arms
+        alive there (ascending), "means": {arm: mean score over the rung's prompts}}``;
+        ``scores``: ``{arm: {prompt_id: score}}`` for every evaluated pair; ``selected``: the
+        arm of best mean at the last rung; ``evaluations``: the number of (arm, prompt) pairs
+        evaluated. Ties rank the lower arm index first. An arm left alone before the last rung
+        is still evaluated on the remaining rungs, so the selected arm's mean always covers the
+        ``rungs[-1]`` prompts.
+    Raises:
+        ParameterError: bad n_arms, eta, rungs or prompt ids; ValueError: ``evaluate`` left out
+        a requested pair or gave a score that is not a finite number.
+    """
+    check_number("n_arms", n_arms, low=1, integer=True)
+    check_number("eta", eta, low=2, integer=True)
+    prompt_ids = list(prompt_ids)
+    if len(set(prompt_ids)) != len(prompt_ids):
+        raise ParameterError("prompt_ids must be distinct")
+    if isinstance(rungs, (str, bytes)) or not isinstance(rungs, Sequence) or not rungs:
+        raise ParameterError(f"rungs must be a non-empty list of cumulative prompt counts, got {rungs!r}")
+    for i, r in enumerate(rungs):
+        check_number(f"rungs[{i}]", r, low=1, integer=True)
+    if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[-1] > len(prompt_ids):
+        raise ParameterError(f"rungs = {list(rungs)} must increase strictly and end at most at the number of "
+                             f"prompts, {len(prompt_ids)} (they are cumulative prompt counts)")
+
+    alive = list(range(n_arms))
+    scores: dict[int, dict[str, float]] = {a: {} for a in alive}
+    history, evaluations, done = [], 0, 0
+    for i, r in enumerate(rungs):
+        new = prompt_ids[done:r]
+        got = evaluate(list(alive), list(new))
+        for a in alive:
+            for p in new:
+                if (a, p) not in got:
+                    raise ValueError(f"evaluate gave no score for arm {a} on prompt {p!r} (rung {i})")
+                s = got[(a, p)]
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                    raise ValueError(f"evaluate gave score {s!r} for arm {a} on prompt {p!r}; scores must be finite numbers")
+                scores[a][p] = float(s)
+        evaluations += len(alive) * len(new)
+        seen = prompt_ids[:r]
+        means = {a: sum(scores[a][p] for p in seen) / len(seen) for a in alive}
+        history.append({"rung": i, "prompts": r, "arms": list(alive), "means": means})
+        ranked = sorted(alive, key=lambda a: (-means[a], a))
+        if i < len(rungs) - 1:
+            alive = sorted(ranked[:max(1, math.ceil(len(alive) / eta))])
+        done = r
+    return {"rungs": history, "scores": scores, "selected": ranked[0],
+            "evaluations": evaluations}
+
+
+def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig, str]],
+             prompt_rows: list[dict], pairs: list[tuple[int, str]], seed: int,
+             max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
+    """AISP for every (config index, prompt id) pair, batched across arms and prompts.
+
+    Pairs are grouped by (n, K, B, final_rollout, decode), the fields one lockstep call must share;
+    each group is one :func:`~prelogit.aisp.run_aisp_many` call (or several of at most
+    ``max_prompts`` pairs each) with per-prompt configs, a prompt repeated once per arm. Groups run
+    in sorted order of that key, pairs in the order given. Every pair's generator is
+    ``prompt_generator(seed, prompt_id)``: the arms see the same random numbers on the same prompt
+    (common random numbers), and a pair's record does not depend on its group or batch.
+
+    Args:
+        sampler, reward: as for :func:`~prelogit.aisp.run_aisp_many`.
+        configs: (config, decode) per arm, e.g. ``(arm_config(arm, ...), arm["decode"])``.
+        prompt_rows: dicts with ``id`` (distinct), ``prompt`` (templated, for the LM) and ``text``
+            (the user turn the reward sees).
+        pairs: the (config index, prompt id) pairs to run; repeats are run once.
+        seed: the run seed of the generators.
+        max_prompts: at most this many pairs per sampler call (None: a whole group at once),
+            to bound the prefill's memory; the records do not depend on it.
+    Returns:
+        ``{(config index, prompt id): record}``, each record as :func:`~prelogit.aisp.run_aisp` returns.
+    """
+    check_number("seed", seed, integer=True)
+    if max_prompts is not None:
+        check_number("max_prompts", max_prompts, low=1, integer=True)
+    rows: dict[str, dict] = {}
+    for j, row in enumerate(prompt_rows):
+        if not isinstance(row, dict) or not {"id", "prompt", "text"} <= set(row):
+            raise ParameterError(f"prompt_rows[{j}] must be a dict with keys id, prompt and text")
+        if row["id"] in rows:
+            raise ParameterError(f"prompt_rows has the id {row['id']!r} twice")
+        rows[row["id"]] = row
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for pair in dict.fromkeys((int(i), p) for i, p in pairs):
+        i, pid = pair
+        if not 0 <= i < len(configs):
+            raise ParameterError(f"pair {pair}: config index {i} is out of range (0 .. {len(configs) - 1})")
+        if pid not in rows:
+            raise ParameterError(f"pair {pair}: prompt id {pid!r} is not in prompt_rows")
+        cfg, decode = configs[i]
+        if not isinstance(cfg, AISPConfig):
+            raise ParameterError(f"configs[{i}] must be (AISPConfig, decode), got {configs[i]!r}")
+        groups.setdefault((cfg.n, cfg.K, cfg.B, cfg.final_rollout, decode), []).append(pair)
+    out: dict[tuple[int, str], dict] = {}
+    for key in sorted(groups, key=lambda k: (k[:4], str(k[4]))):
+        members = groups[key]
+        step = max_prompts or len(members)
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
+            recs = run_aisp_many(sampler, reward, [rows[p]["prompt"] for _, p in chunk],
+                                 [rows[p]["text"] for _, p in chunk], [configs[i][0] for i, _ in chunk],
+                                 [prompt_generator(seed, p) for _, p in chunk], decode=key[4])
+            out.update(zip(chunk, recs))
+    return out
