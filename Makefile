@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast readme clean-smoke paper
+.PHONY: setup repro test test-fast readme clean-smoke paper gpu
 
 $(BIN)/.installed: pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ clean-smoke:
 # The paper's scale (needs a CUDA GPU and hub access; checks both first, see params-paper.yaml).
 paper: setup
 	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m prelogit.paper
+
+# The embedded default with every test prompt to N = 256 (needs a CUDA GPU; see params-gpu.yaml).
+gpu: setup
+	$(BIN)/python -m prelogit.paper --params params-gpu.yaml --name embedded-gpu --no-hub-check

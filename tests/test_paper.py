@@ -33,3 +33,18 @@ def test_overrides_name_only_the_changed_keys():
     default = {"aisp": {"sigma": 0.5, "n": 8}, "bon": {"budgets": [1, 2]}}
     big = {"aisp": {"sigma": 0.5, "n": 32}, "bon": {"budgets": [1, 2, 4]}}
     assert paper.overrides(default, big) == ["-S", "aisp.n=32", "-S", "bon.budgets=[1, 2, 4]"]
+
+
+def test_gpu_params_validate_and_take_every_test_prompt_to_256():
+    default, gpu = params.load(ROOT / "params.yaml"), params.load(ROOT / "params-gpu.yaml")
+    merged = {**default, **gpu}
+    for stage in params.STAGES:
+        params.stage_parameters(stage, merged)
+    assert gpu["model"]["device"] == "cuda"
+    assert gpu["bon"]["large_prompts"] == gpu["bon"]["n_prompts"] == default["prepare"]["n_test"]
+    assert gpu["aisp"]["large_prompts"] == gpu["aisp"]["lit_prompts"] == gpu["aisp"]["n_prompts"]
+    assert gpu["bon"]["large_samples"] == gpu["aisp"]["large_N"] == 256
+    assert paper.preflight(gpu, check_hub=False) == ([] if torch.cuda.is_available() else
+                                                     ["model.device is cuda but no CUDA GPU is visible: run on a "
+                                                      "machine with a GPU (the paper's 7-8B models need about 16 GB "
+                                                      "of GPU memory in bf16)"])

@@ -30,7 +30,9 @@ def baseline() -> dict:
     p["prepare"].update(n_train=SPLITS["train"], n_val=SPLITS["val"], n_test=SPLITS["test"])
     for stage in ("bon", "aisp", "args", "recontrol"):
         p[stage]["n_prompts"] = SPLITS["test"]
-    p["aisp"]["sweep_prompts"] = 2
+    p["bon"]["large_prompts"] = p["aisp"]["large_prompts"] = p["aisp"]["lit_prompts"] = 2
+    p["aisp"]["variance_prompts"] = 2
+    p["tune"].update(n_prompts=SPLITS["val"], rungs=[1, 2])
     p["recontrol"]["train_prompts"] = SPLITS["train"]
     p["theory"].update(gauss_split="train", gauss_prompts=SPLITS["train"])
     return p
@@ -84,42 +86,54 @@ CASES = [
     # sections and keys
     ("aisp", drop("model"), "no section 'model'"),
     ("bon", drop("generation"), "no section 'generation'"),
-    ("aisp", drop("aisp.sigma"), "missing key aisp.sigma"),
+    ("aisp", drop("aisp.lit_sigma"), "missing key aisp.lit_sigma"),
     ("aisp", put("aisp.sigmaa", 1), "unknown key(s) aisp.sigmaa"),
     # types
-    ("aisp", put("aisp.n", "eight"), "aisp.n must be an integer, got 'eight'"),
+    ("aisp", put("aisp.lit_n", "eight"), "aisp.lit_n must be an integer, got 'eight'"),
     ("bon", put("bon.max_samples", 32.0), "bon.max_samples must be an integer, got 32.0"),
     ("args", put("args.k", True), "args.k must be an integer, got True"),
-    ("aisp", put("aisp.sigma", [0.5]), "aisp.sigma must be a number, got [0.5]"),
+    ("aisp", put("aisp.lit_sigma", [0.5]), "aisp.lit_sigma must be a number, got [0.5]"),
     ("aisp", put("aisp.final_rollout", "yes"), "aisp.final_rollout must be true or false"),
     ("prepare", put("model.name", ""), "model.name must be a non-empty string"),
     # ranges
-    ("aisp", put("aisp.sigma", -0.1), "aisp.sigma must be > 0, got -0.1"),
-    ("aisp", put("aisp.lam", 0), "aisp.lam must be > 0, got 0"),
-    ("aisp", put("aisp.alpha", 1.5), "aisp.alpha must be >= 0 and <= 1, got 1.5"),
-    ("aisp", put("aisp.tau", -3), "aisp.tau must be >= 0, got -3"),
+    ("aisp", put("aisp.lit_sigma", -0.1), "aisp.lit_sigma must be > 0, got -0.1"),
+    ("aisp", put("aisp.lit_lams", [0.1, 0]), "aisp.lit_lams[1] must be > 0, got 0"),
+    ("aisp", put("aisp.lit_alpha", 1.5), "aisp.lit_alpha must be >= 0 and <= 1, got 1.5"),
+    ("aisp", put("aisp.lit_tau", -3), "aisp.lit_tau must be >= 0, got -3"),
+    ("tune", put("tune.sigma_rms", [0.25, 0]), "tune.sigma_rms[1] must be > 0, got 0"),
+    ("tune", put("tune.eta", 1), "tune.eta must be >= 2, got 1"),
     ("bon", put("generation.top_p", 0), "generation.top_p must be > 0 and <= 1, got 0"),
     ("args", put("generation.temperature", 0), "generation.temperature must be > 0, got 0"),
     ("theory", put("model.threads", -1), "model.threads must be >= 0, got -1"),
     ("recontrol", put("recontrol.holdout", 1.0), "recontrol.holdout must be >= 0 and < 1, got 1.0"),
     # choices
     ("bon", put("generation.decode", "beam"), "generation.decode must be one of 'sample', 'greedy', got 'beam'"),
-    ("aisp", put("aisp.alpha_mode", "both"), "aisp.alpha_mode must be one of 'mppi', 'step', got 'both'"),
+    ("tune", lambda p, d: p["tune"]["center"].__setitem__("alpha_mode", "both"),
+     "tune.center.alpha_mode must be one of 'mppi', 'step', got 'both'"),
+    ("tune", lambda p, d: p["tune"]["center"].pop("n"), "tune.center: missing key(s) n"),
+    ("tune", put("tune.tau", [8, "half"]), "tune.tau[1] must be an integer, got 'half'"),
     ("prepare", put("model.dtype", "float8"), "model.dtype must be one of"),
     ("theory", put("theory.gauss_split", "dev"), "theory.gauss_split must be one of"),
     # lists and keys that depend on each other within a section
-    ("bon", put("bon.budgets", [1, 64]), "bon.budgets [64] exceed bon.max_samples = 32"),
+    ("bon", put("bon.budgets", [1, 512]), "bon.budgets [512] exceed the most samples drawn (256)"),
+    ("bon", put("bon.large_samples", 16), "bon.large_samples = 16 is below bon.max_samples = 64"),
+    ("bon", put("bon.large_prompts", 5), "bon.large_prompts = 5 exceeds bon.n_prompts = 4"),
+    ("aisp", put("aisp.large_N", 100), "aisp.large_N = 100 must be a multiple of aisp.N = 64"),
+    ("aisp", put("aisp.lit_n", 48), "aisp.N = 64 is not a multiple of aisp.lit_n = 48"),
+    ("tune", put("tune.rungs", [2, 2]), "tune.rungs = [2, 2] must increase strictly"),
+    ("tune", put("tune.n", [8, 24]), "tune.n[1] = 24 does not divide tune.N = 64"),
     ("bon", put("bon.budgets", []), "bon.budgets must be a list of at least 1 item(s)"),
-    ("aisp", put("aisp.sweep_nK", [[4, 8], [16]]), "aisp.sweep_nK[1] must be a list of at least 2 item(s)"),
-    ("aisp", put("aisp.sweep_sigma", [0.25, 0]), "aisp.sweep_sigma[1] must be > 0"),
     ("prepare", put("prepare.source", "hh_rlhf"), "prepare.source_path must name the hh_rlhf data file"),
     ("bon", HF, "reward.name must name a sequence-classification reward model"),
-    ("aisp", put("aisp.sweep_prompts", 5), "aisp.sweep_prompts = 5 exceeds aisp.n_prompts = 4"),
+    ("aisp", put("aisp.lit_prompts", 5), "aisp.lit_prompts = 5 exceeds aisp.n_prompts = 4"),
     # between sections
-    ("aisp", put("aisp.tau", 30), "aisp.tau = 30 exceeds generation.max_new_tokens = 24: AISP controls only "
-                                  "generated tokens; lower aisp.tau to at most 24 (tau = max_new_tokens controls "
-                                  "every generated token)"),
-    ("aisp", put("aisp.sweep_tau", [8, 128]), "aisp.sweep_tau[1] = 128 exceeds generation.max_new_tokens = 24"),
+    ("aisp", put("aisp.lit_tau", 30), "aisp.lit_tau = 30 exceeds generation.max_new_tokens = 16: AISP controls "
+                                      "only generated tokens; lower aisp.lit_tau to at most 16 (tau = max_new_tokens "
+                                      "controls every generated token)"),
+    ("tune", put("tune.tau", [8, 128]), "tune.tau[1] = 128 exceeds generation.max_new_tokens = 16"),
+    ("prepare", put("tune.n_prompts", 3), "prepare.n_val = 2 but the tune stage asks for tune.n_prompts = 3"),
+    ("tune", both(put("tune.n_prompts", 3), put("tune.rungs", [1, 3])),
+     "tune.n_prompts = 3 but results/prepare/prompts.jsonl has 2 val prompts"),
     ("prepare", put("aisp.n_prompts", 100000), "prepare.n_test = 4 but the aisp stage asks for aisp.n_prompts = "
                                                "100000 test prompts; raise prepare.n_test or lower aisp.n_prompts"),
     ("prepare", put("recontrol.train_prompts", 20), "prepare.n_train = 3 but the recontrol stage asks for "

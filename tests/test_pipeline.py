@@ -130,12 +130,12 @@ def test_malformed_params_stop_the_stage_and_keep_results(repo):
     results = repo / "results" / "aisp" / "metrics.json"
     before = _sha(results)
     p = yaml.safe_load(good)
-    p["aisp"]["sigma"] = -1.0
+    p["aisp"]["lit_sigma"] = -1.0
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     try:
         run = _dvc(repo, "repro")
         assert run.returncode != 0
-        assert "aisp.sigma must be > 0" in run.stdout + run.stderr
+        assert "aisp.lit_sigma must be > 0" in run.stdout + run.stderr
         assert "Running stage 'bon'" not in run.stdout  # bon does not read aisp and is up to date
         assert _sha(results) == before
     finally:
@@ -155,7 +155,7 @@ def _in_the_middle(executed: Path) -> bool:
 def test_killed_stage_leaves_previous_outputs_and_repro_recovers(repo):
     before = _results(repo)
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["aisp"]["sigma"] = p["aisp"]["sigma"] * 1.5  # aisp (and figures after it) must re-run
+    p["aisp"]["lit_sigma"] = p["aisp"]["lit_sigma"] * 1.5  # aisp (and figures after it) must re-run
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     executed = repo / "results" / ".staging" / "aisp" / "aisp.ipynb"
     with open(repo.parent / "killed.log", "w") as out:
@@ -195,14 +195,16 @@ def test_killed_stage_leaves_previous_outputs_and_repro_recovers(repo):
 
 
 def test_same_seed_gives_identical_samples_and_curves(repo):
-    """bon and aisp re-run with the same parameters: identical results, timing keys aside."""
-    files = {"bon": ["samples.jsonl", "curve.json", "base_rewards.json", "metrics.json", "params.yaml"],
-             "aisp": ["samples.jsonl", "curve.json", "sweeps.json", "metrics.json", "params.yaml"]}
+    """tune, bon and aisp re-run with the same parameters: identical results, timing keys aside."""
+    files = {"tune": ["search.json", "selected.json", "bon.jsonl", "metrics.json", "params.yaml"],
+             "bon": ["samples.jsonl", "curve.json", "base_rewards.json", "metrics.json", "params.yaml"],
+             "aisp": ["samples.jsonl", "curve.json", "literature.jsonl", "literature_curve.json", "variance.json",
+                      "metrics.json", "params.yaml"]}
     paths = [repo / "results" / stage / name for stage, names in files.items() for name in names]
     first = {p: p.read_bytes() for p in paths}
-    run = _dvc(repo, "repro", "--force", "-s", "bon", "aisp")
+    run = _dvc(repo, "repro", "--force", "-s", "tune", "bon", "aisp")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Running stage 'bon'" in run.stdout and "Running stage 'aisp'" in run.stdout
+    assert all(f"Running stage '{s}'" in run.stdout for s in files)
 
     def parsed(raw: bytes, path: Path):
         if path.suffix == ".jsonl":

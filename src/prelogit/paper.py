@@ -1,5 +1,9 @@
 """The paper's scale, one command away: ``python -m prelogit.paper`` (or ``make paper``).
 
+``--params params-gpu.yaml --name embedded-gpu`` (``make gpu``) runs the embedded default with every
+test prompt to N = 256 on a CUDA GPU the same way. A parameter file may hold only some sections;
+the others are params.yaml's.
+
 Reads ``params-paper.yaml`` (7-8B chat model, HH-RLHF prompts, a 7-8B reward model, 128 new
 tokens), checks BEFORE anything heavy that the machine can run it -- a CUDA GPU if a section asks
 for one, the ``datasets`` package for hub data, and hub access for every model and data set named
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params-paper.yaml")
     ap.add_argument("--check-only", action="store_true", help="only run the preflight checks")
     ap.add_argument("--no-hub-check", action="store_true")
+    ap.add_argument("--name", default="paper-scale", help="the DVC experiment's name")
     args = ap.parse_args(argv)
     try:
         paper, default = P.load(args.params), P.load("params.yaml")
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_only:
         print("preflight passed")
         return 0
-    cmd = ["dvc", "exp", "run", "-n", "paper-scale", *overrides(default, paper)]
+    cmd = ["dvc", "exp", "run", "-n", args.name, *overrides(default, paper)]
     print(" ".join(cmd))
     return subprocess.call(cmd)
 
