@@ -8,7 +8,7 @@ import torch
 from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many
 from prelogit.checks import ParameterError
 from prelogit.sampling import PrelogitSampler
-from prelogit.tune import FACTORS, arm_config, candidate_arms, run_arms, successive_halving
+from prelogit.tune import FACTORS, arm_config, candidate_arms, claim_arms, run_arms, successive_halving
 
 CENTER = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
           "n": 16, "decode": "sample"}
@@ -237,3 +237,14 @@ def test_run_arms_rejects_unknown_prompts_and_configs(tiny_lm, tokenizer):
         run_arms(s, VowelShare(), configs, rows, [(1, "a")], seed=0)
     with pytest.raises(ParameterError, match="twice"):
         run_arms(s, VowelShare(), configs, rows * 2, [(0, "a")], seed=0)
+
+
+def test_claim_arms_are_the_center_and_its_sigma_alpha_and_lambda_extremes():
+    center = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
+              "n": 16, "decode": "sample"}
+    arms = candidate_arms(center, {"sigma_rms": [0.1, 0.5], "lam_absolute": [0.001, 1.0], "lam_std": [1.0],
+                                   "alpha_mppi": [0.5, 0.999], "alpha_step": [0.1, 0.5, 0.999], "tau": [4],
+                                   "decode": ["greedy"]}, n_random=2, seed=0)
+    labels = [arms[i]["label"] for i in claim_arms(arms)]
+    assert labels == ["center", "sigma_rms=0.1", "sigma_rms=0.5", "lam(absolute)=0.001", "alpha(mppi)=0.999",
+                      "alpha(step)=0.1", "alpha(step)=0.999"]

@@ -236,3 +236,15 @@ def test_fmt_interval():
         fmt_interval({"lo": 0.0, "hi": 1.0})
     with pytest.raises(ParameterError):
         fmt_interval({"mean": 0.5, "lo": 0.0, "hi": 1.0}, digits=-1)
+
+
+def test_claims_on_fewer_than_min_prompts_are_inconclusive_whatever_the_interval():
+    from prelogit import verdict
+
+    few = verdict.compare([5.0, 6.0, 7.0], [0.0, 0.5, 1.0])
+    assert few["decision"] == "AISP better"  # the verdict table still reports the interval's decision
+    assert verdict.superiority_claim(few) == verdict.INCONCLUSIVE
+    assert verdict.equivalence_claim(verdict.compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), 0.1) == verdict.INCONCLUSIVE
+    assert verdict.best_of_claim({"a": [5.0, 6.0, 7.0], "b": [0.0, 0.5, 1.0]}, "a")["verdict"] == verdict.INCONCLUSIVE
+    many = verdict.compare([5.0, 6.0, 7.0] * 3, [0.0, 0.5, 1.0] * 3)
+    assert many["n_prompts"] >= verdict.MIN_PROMPTS and verdict.superiority_claim(many) == verdict.HELD

@@ -111,7 +111,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
              "sigma_rms": list_of(POS, 0), "lam_absolute": list_of(POS, 0), "lam_std": list_of(POS, 0),
              "alpha_mppi": list_of(UNIT, 0), "alpha_step": list_of(UNIT, 0), "tau": list_of(tau_value, 0),
              "n": list_of(integer(1), 0), "decode": list_of(choice("sample", "greedy"), 0), "n_random": integer(0),
-             "rungs": list_of(integer(1)), "eta": integer(2)},
+             "rungs": list_of(integer(1)), "eta": integer(2), "claim_prompts": integer(0)},
     "aisp": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "large_prompts": integer(0),
              "large_N": integer(1), "final_rollout": boolean, "lit_prompts": integer(0), "lit_sigma": POS,
              "lit_alpha": UNIT, "lit_lams": list_of(POS, 0), "lit_n": integer(1), "lit_tau": tau_value,
@@ -219,6 +219,8 @@ def _cross_checks(section: str, v: dict) -> None:
         if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[-1] > v["n_prompts"]:
             raise ParameterError(f"tune.rungs = {rungs} must increase strictly and end at most at tune.n_prompts = "
                                  f"{v['n_prompts']} (they are cumulative prompt counts)")
+        if v["claim_prompts"] > v["n_prompts"]:
+            raise ParameterError(f"tune.claim_prompts = {v['claim_prompts']} exceeds tune.n_prompts = {v['n_prompts']}")
         for key, n in [("tune.center.n", v["center"]["n"])] + [(f"tune.n[{i}]", x) for i, x in enumerate(v["n"])]:
             if v["N"] % n:
                 raise ParameterError(f"{key} = {n} does not divide tune.N = {v['N']}; the budget is n x K")

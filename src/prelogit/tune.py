@@ -253,6 +253,31 @@ def successive_halving(n_arms: int, prompt_ids: list[str], rungs: list[int], eta
             "evaluations": evaluations}
 
 
+def claim_arms(arms: list[dict]) -> list[int]:
+    """Indices of the arms the paper's hyper-parameter claims compare, all one-factor variations of
+    the center (``arms[0]``): the center, every arm that changes only sigma, the smallest and the
+    largest alpha of each reading, and the smallest absolute lambda. The tune stage runs them all on
+    the same first prompts, whatever successive halving did with them, so that each claim is a
+    paired contrast on enough prompts.
+    """
+    center = arms[0]
+
+    def only(a: dict, keys: set) -> bool:
+        return all(a[k] == center[k] for k in FACTORS if k not in keys) and any(a[k] != center[k] for k in keys)
+
+    out = {0}
+    out |= {i for i, a in enumerate(arms) if only(a, {"sigma_rms"})}
+    for mode in ("mppi", "step"):
+        al = [i for i, a in enumerate(arms) if (only(a, {"alpha", "alpha_mode"}) or i == 0)
+              and a["alpha_mode"] == mode]
+        if al:
+            out |= {min(al, key=lambda i: arms[i]["alpha"]), max(al, key=lambda i: arms[i]["alpha"])}
+    lam = [i for i, a in enumerate(arms) if only(a, {"lam"}) and a["lam_mode"] == "absolute"]
+    if lam:
+        out.add(min(lam, key=lambda i: arms[i]["lam"]))
+    return sorted(out)
+
+
 def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig, str]],
              prompt_rows: list[dict], pairs: list[tuple[int, str]], seed: int,
              max_prompts: int | None = None) -> dict[tuple[int, str], dict]:

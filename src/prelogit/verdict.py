@@ -16,7 +16,9 @@ resampled with replacement, see :func:`prelogit.metrics.paired_difference`). The
 says how large a true difference the P prompts could have detected, and
 :func:`equivalence_claim` tests closeness against a margin stated before the run.
 
-Claims are graded from the same intervals as "held", "not held" or "inconclusive"
+Claims are graded from the same intervals as "held", "not held" or "inconclusive"; a claim
+resting on fewer than :data:`MIN_PROMPTS` prompts is "inconclusive" whatever its interval, because
+a percentile bootstrap over so few prompts covers far less often than it says
 (:func:`superiority_claim`, :func:`equivalence_claim`, :func:`best_of_claim`) and rendered with
 :func:`claims_markdown`.
 """
@@ -34,6 +36,13 @@ from .metrics import paired_difference
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
 NO_DIFFERENCE = "no difference detected"
+#: Fewest prompts on which a claim can be held or not held (with 3 prompts, say, the bootstrap
+#: distribution of the mean has at most 10 distinct values and its interval is far too narrow).
+MIN_PROMPTS = 8
+
+
+def _too_few(cmp: Mapping) -> bool:
+    return int(cmp.get("n_prompts", MIN_PROMPTS)) < MIN_PROMPTS
 
 
 def _values(name: str, x) -> np.ndarray:
@@ -137,9 +146,12 @@ def _interval(cmp: Mapping) -> tuple[float, float]:
 def superiority_claim(cmp: Mapping) -> str:
     """Grade the claim "a > b" from a :func:`compare` result.
 
-    "held" if lo > 0, "not held" if hi < 0 (b is better), else "inconclusive".
+    "held" if lo > 0, "not held" if hi < 0 (b is better), else "inconclusive" (always, on fewer
+    than :data:`MIN_PROMPTS` prompts).
     """
     lo, hi = _interval(cmp)
+    if _too_few(cmp):
+        return INCONCLUSIVE
     if lo > 0:
         return HELD
     if hi < 0:
@@ -156,6 +168,8 @@ def equivalence_claim(cmp: Mapping, margin: float) -> str:
     """
     lo, hi = _interval(cmp)
     check_number("margin", margin, low=0, low_open=True)
+    if _too_few(cmp):
+        return INCONCLUSIVE
     if -margin <= lo and hi <= margin:
         return HELD
     if lo > margin or hi < -margin:
@@ -190,7 +204,9 @@ def best_of_claim(scores: Mapping[str, Sequence[float]], claimed: str, n_boot: i
     comparisons = {other: compare(values[claimed], v, n_boot=n_boot, level=level, seed=seed,
                                   names=(claimed, other))
                    for other, v in values.items() if other != claimed}
-    if all(c["lo"] > 0 for c in comparisons.values()):
+    if len(values[claimed]) < MIN_PROMPTS:
+        verdict = INCONCLUSIVE
+    elif all(c["lo"] > 0 for c in comparisons.values()):
         verdict = HELD
     elif any(c["hi"] < 0 for c in comparisons.values()):
         verdict = NOT_HELD
