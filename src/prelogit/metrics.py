@@ -274,13 +274,6 @@ class CostMeter:
         self.reward_calls += int(n_texts)
         self.reward_batches += 1
 
-    def generate(self, sampler, prompt, n: int, **kwargs):
-        """``sampler.generate(prompt, n, **kwargs)``, timed as generation and counted."""
-        with self.generation():
-            gen = sampler.generate(prompt, n, **kwargs)
-        self.add_generation(gen)
-        return gen
-
     def score(self, reward, user_text: str, texts: list[str]) -> torch.Tensor:
         """``reward.score`` of ``texts`` as replies to ``user_text``: timed, counted and checked.
 

@@ -117,29 +117,3 @@ def progress(iterable, **kw):
 
 __all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "bon_curve", "aisp_curve", "mean_by",
            "progress", "distinct_ngram_diversity"]
-
-
-def sweep_configs(base, sweep_sigma=(), sweep_lam=(), sweep_alpha=(), sweep_tau=(), sweep_nK=(), sweep_B=(),
-                  sweep_decode=()) -> list[dict]:
-    """One-at-a-time variations of the AISP config ``base`` at the same budget B * n * K.
-
-    Each entry is {"param", "value", "config", "decode"}; alpha values run under both
-    alpha_modes, B values keep B * n fixed (n = n * base.B / B), n x K splits keep n * K fixed.
-    """
-    from dataclasses import replace
-
-    budget = base.budget
-    out = [{"param": "sigma", "value": v, "config": replace(base, sigma=v)} for v in sweep_sigma]
-    out += [{"param": "lam", "value": v, "config": replace(base, lam=v)} for v in sweep_lam]
-    out += [{"param": f"alpha ({mode})", "value": v, "config": replace(base, alpha=v, alpha_mode=mode)}
-            for mode in ("mppi", "step") for v in sweep_alpha]
-    out += [{"param": "tau", "value": v, "config": replace(base, tau=v)} for v in sweep_tau]
-    out += [{"param": "n x K", "value": f"{n}x{K}", "config": replace(base, n=n, K=K)} for n, K in sweep_nK]
-    out += [{"param": "B", "value": b, "config": replace(base, B=b, n=max(1, base.n * base.B // b))} for b in sweep_B]
-    out += [{"param": "decode", "value": v, "config": base, "decode": v} for v in sweep_decode]
-    for e in out:
-        e.setdefault("decode", None)
-        if e["config"].budget != budget:
-            raise ValueError(f"sweep {e['param']} = {e['value']} changes the budget ({e['config'].budget} != {budget}); "
-                             "choose n x K splits and B values that keep B * n * K fixed")
-    return out
