@@ -32,7 +32,7 @@ def baseline() -> dict:
         p[stage]["n_prompts"] = SPLITS["test"]
     p["bon"]["large_prompts"] = p["aisp"]["large_prompts"] = p["aisp"]["lit_prompts"] = 2
     p["aisp"]["variance_prompts"] = 2
-    p["tune"].update(n_prompts=SPLITS["val"], rungs=[1, 2])
+    p["tune"].update(n_prompts=SPLITS["val"], rungs=[1, 2], claim_prompts=SPLITS["val"])
     p["recontrol"]["train_prompts"] = SPLITS["train"]
     p["theory"].update(gauss_split="train", gauss_prompts=SPLITS["train"])
     return p
@@ -121,6 +121,7 @@ CASES = [
     ("aisp", put("aisp.large_N", 100), "aisp.large_N = 100 must be a multiple of aisp.N = 64"),
     ("aisp", put("aisp.lit_n", 48), "aisp.N = 64 is not a multiple of aisp.lit_n = 48"),
     ("tune", put("tune.rungs", [2, 2]), "tune.rungs = [2, 2] must increase strictly"),
+    ("tune", put("tune.claim_prompts", 3), "tune.claim_prompts = 3 exceeds tune.n_prompts = 2"),
     ("tune", put("tune.n", [8, 24]), "tune.n[1] = 24 does not divide tune.N = 64"),
     ("bon", put("bon.budgets", []), "bon.budgets must be a list of at least 1 item(s)"),
     ("prepare", put("prepare.source", "hh_rlhf"), "prepare.source_path must name the hh_rlhf data file"),

@@ -13,7 +13,7 @@ import yaml
 from prelogit import stage
 from prelogit.io import is_timing_key, strip_timing
 
-FIGURES = {"figures": {"n_boot": 200, "ci_level": 0.9, "seed": 0}}
+FIGURES = {"figures": {"n_boot": 200, "ci_level": 0.9, "seed": 0, "power": 0.8, "verdict_N": 32, "margin_sd": 0.2}}
 
 
 @pytest.fixture

@@ -229,7 +229,7 @@ def test_claims_markdown_bad_rows():
 def test_fmt_interval():
     assert fmt_interval({"mean": 0.12, "lo": -0.05, "hi": 0.30}) == "+0.12 [-0.05, +0.30]"
     assert fmt_interval({"mean": -1.23456, "lo": -2.0, "hi": -0.5}, digits=3) == "-1.235 [-2.000, -0.500]"
-    assert fmt_interval({"mean": -0.001, "lo": -0.004, "hi": 0.0}) == "+0.00 [+0.00, +0.00]"  # no "-0.00"
+    assert fmt_interval({"mean": -0.001, "lo": -0.004, "hi": 0.0}) == "-0.001 [-0.004, +0.00]"  # sign kept, no "-0.00"
     c = compare([3.0, 1.0, 2.0, 5.0], [1.0, 1.0, 3.0, 2.0], n_boot=200)
     assert fmt_interval(c).startswith("+1.00 [")
     with pytest.raises(ParameterError):
@@ -248,3 +248,9 @@ def test_claims_on_fewer_than_min_prompts_are_inconclusive_whatever_the_interval
     assert verdict.best_of_claim({"a": [5.0, 6.0, 7.0], "b": [0.0, 0.5, 1.0]}, "a")["verdict"] == verdict.INCONCLUSIVE
     many = verdict.compare([5.0, 6.0, 7.0] * 3, [0.0, 0.5, 1.0] * 3)
     assert many["n_prompts"] >= verdict.MIN_PROMPTS and verdict.superiority_claim(many) == verdict.HELD
+
+
+def test_an_interval_end_that_rounds_to_zero_keeps_its_sign():
+    assert fmt_interval({"mean": -0.18, "lo": -0.35, "hi": -0.0012}) == "-0.18 [-0.35, -0.001]"
+    assert fmt_interval({"mean": 0.0, "lo": -0.1, "hi": 0.00004}) == "+0.00 [-0.10, +0.00004]"
+    assert fmt_interval({"mean": 0.0, "lo": -0.1, "hi": 0.0}) == "+0.00 [-0.10, +0.00]"

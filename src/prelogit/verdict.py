@@ -242,7 +242,13 @@ def claims_markdown(rows: Sequence[Mapping]) -> str:
 
 
 def _signed(x: float, digits: int) -> str:
+    """``x`` with its sign; a non-zero value that rounds to zero gets up to three more digits, so
+    that an interval end just below or above 0 does not read as 0 (the decisions compare with 0)."""
     s = f"{x:+.{digits}f}"
+    extra = digits
+    while x != 0 and float(s) == 0 and extra < digits + 3:
+        extra += 1
+        s = f"{x:+.{extra}f}"
     return "+" + s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.00"
 
 
