@@ -79,6 +79,12 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"({tune['selected_arm']['sigma_rms']} x the pre-logit RMS {tune['rms']:.2f}), lambda = {cfg['lam']} "
                  f"({cfg['lam_mode']}), alpha = {cfg['alpha']} ({cfg['alpha_mode']}), tau = {cfg['tau']}, "
                  f"n = {cfg['n']} per iteration, decoding given V: {fig['aisp_decode']}.")
+    head = next(c for c in fig["claims"] if c["claim"] == "AISP > best-of-N at equal N")
+    main = next(v for v in fig["verdict"] if v["comparison"] == "AISP (tuned) - best-of-N" and v["N"] == fig["verdict_N"])
+    lines += ["", f"**In one line:** at N = {main['N']} on {main['n_prompts']} test prompts, AISP minus best-of-N is "
+              f"{_fmt(main['mean'])} [{_fmt(main['lo'])}, {_fmt(main['hi'])}] ({main['decision']}), so the paper's claim "
+              f"that AISP beats best-of-N at equal N is **{head['verdict']}** on the embedded default. The evidence for "
+              "why is below the tables and in `notebooks/figures.ipynb`."]
     lines += ["", f"**Verdict** (paired bootstrap over prompts, {fig['ci_level']:.0%} intervals; the rule is stated in "
               "`notebooks/figures.ipynb`):", ""]
     lines += (figs / "verdict.md").read_text().rstrip("\n").splitlines()
@@ -93,6 +99,9 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"KL(Q_U||P) of the final mean {why['kl_final']:.0f} nats; sigma / pre-logit RMS = {why['sigma_over_rms']:.2f}"
                  + (f"; the control V explains {why['variance_share_V']:.0%} of the reward's variance at U = 0, token "
                     "sampling the rest" if why["variance_share_V"] is not None else "") + ".")
+    if why.get("final_rollout_reward") is not None:
+        lines.append(f"- A response generated from AISP's final mean U scores {_fmt(why['final_rollout_reward'])} on "
+                     f"average, an unsteered base-model sample {_fmt(why['base_reward_mean'])}.")
     th = fig["theory"]
     lines.append(f"- Theory: {th['n_checks'] - th['n_failed']} of {th['n_checks']} closed-form checks pass. Pre-logits: "
                  f"{th['gauss_share_pass']:.0%} of dimensions pass a per-dimension normality test at level {th['gauss_level']} "
