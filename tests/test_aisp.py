@@ -10,19 +10,7 @@ from prelogit.aisp import AISPConfig, prompt_generator, run_aisp, run_best_of_n
 from prelogit.checks import ParameterError
 from prelogit.rewards import RewardError
 from prelogit.sampling import PrelogitSampler
-
-
-class VowelShare:
-    """Reward = share of vowels among the letters of the response (0 for no letters)."""
-
-    name = "vowel-share"
-
-    def score(self, prompts, responses):
-        out = []
-        for r in responses:
-            letters = [c for c in r.lower() if c.isalpha()]
-            out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
-        return torch.tensor(out)
+from toy_rewards import VowelShare
 
 
 class Broken:

@@ -77,7 +77,7 @@ def test_notebook_check_sees_smoke_values():
     nb = pm.inspect_notebook(str(ROOT / "notebooks" / "aisp.ipynb"))
     ns = {k: eval(v["default"]) for k, v in nb.items()}  # the parameters cell holds literals only
     params.check_notebook("aisp", ns)
-    with pytest.raises(ParameterError, match="aisp.sigma"):
-        params.check_notebook("aisp", {**ns, "sigma": 0})
-    with pytest.raises(ParameterError, match="aisp.tau = 9 exceeds generation.max_new_tokens = 8"):
-        params.check_notebook("aisp", {**ns, "tau": 9, "generation_max_new_tokens": 8})
+    with pytest.raises(ParameterError, match="aisp.lit_sigma"):
+        params.check_notebook("aisp", {**ns, "lit_sigma": 0})
+    with pytest.raises(ParameterError, match="aisp.lit_tau = 9 exceeds generation.max_new_tokens = 8"):
+        params.check_notebook("aisp", {**ns, "lit_tau": 9, "generation_max_new_tokens": 8})

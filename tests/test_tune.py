@@ -8,6 +8,8 @@ import torch
 from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many
 from prelogit.checks import ParameterError
 from prelogit.sampling import PrelogitSampler
+from toy_rewards import VowelShare
+
 from prelogit.tune import FACTORS, arm_config, candidate_arms, claim_arms, run_arms, successive_halving
 
 CENTER = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
@@ -177,17 +179,6 @@ def test_missing_or_bad_scores_raise():
 
 
 # ---- batched runs of the arms -------------------------------------------------------------------
-
-class VowelShare:
-    name = "vowel-share"
-
-    def score(self, prompts, responses):
-        out = []
-        for r in responses:
-            letters = [c for c in r.lower() if c.isalpha()]
-            out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
-        return torch.tensor(out)
-
 
 def _results(rec):
     return {k: v for k, v in rec.items() if k != "cost"}
