@@ -1,0 +1,342 @@
+"""MISVO: minimally invasive steering by per-position pre-logit vectors (Entesari, Zhang, Khashabi, Fazlyab 2026).
+
+One steering vector u_t per generated position t (t = 0..T-1 here, T = ``max_new_tokens``) is
+added to the pre-logit, exactly as AISP's controls act::
+
+    pi_u(. | x, y_<t) = softmax((W (z_t + u_t) + b) / temperature)
+
+with z_t the unsteered pre-logit (the LM head's input) and W, b the LM head. MISVO maximises
+
+    J(u) = E_{y ~ pi_u}[R(x, y)] - lam * 1/2 * sum_t u_t^T F_t u_t
+
+by stochastic gradient ascent: each of N steps samples K responses from pi_u, scores them, and
+moves ``u_t <- u_t + eta * (g_t - lam * F_t u_t)`` where g_t is the leave-one-out (LOO)
+score-function estimate of the reward gradient (:func:`score_gradient`) and F_t is the Fisher
+information of the *reference* policy (u = 0) at position t, averaged over the first step's
+rollouts (which are drawn with u = 0 and count in the K * N budget; :func:`fisher_vector_product`,
+matrix-free). ``fisher="identity"`` replaces F_t by I (plain L2 penalty); ``lam = 0`` drops the
+penalty. The answer is the best response seen in any step, as for AISP.
+
+Sampling distribution. The score function d log pi_u(y_t) / d u_t = W^T (e_{y_t} - p_t) / temperature
+is exact only if p_t is the distribution the sampler really drew from. We compute p_t as
+softmax((W (z_t + u_t) + b) / temperature) with the sampler's temperature and *no truncation*:
+top-k and top-p must be off (``top_k = 0``, ``top_p = 1``) and decoding must be ``sample``
+(greedy decoding has no score function); :func:`run_misvo_many` raises :class:`ParameterError`
+otherwise. With temperature tau the Fisher of the sampling policy is W^T (diag p - p p^T) W / tau^2,
+which is what :func:`fisher_vector_product` returns (at tau = 1, the paper's setting, exactly
+the formula of the paper).
+
+Numerics. The sampler records z_t in float32 and applies u_t in float32; :func:`run_misvo_many`
+recomputes the steered logits in float64 from the recorded z_t and the float32-rounded u_t, so
+p_t matches the sampler's distribution up to the rounding of z_t (exact for a float32 or bfloat16
+model, whose z_t is representable in float32) and of the model's own logit computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .aisp import _check_prompt_lists, _generate, _prefill, _score
+from .checks import ParameterError, check_choice, check_number
+from .metrics import CostMeter
+from .rewards import RewardModel
+from .sampling import PrelogitSampler
+
+FISHERS = ("reference", "identity")
+
+
+@dataclass(frozen=True)
+class MISVOConfig:
+    """MISVO hyper-parameters.
+
+    eta: learning rate of the gradient ascent on u (paper: 0.1). lam: weight lambda of the
+    Fisher penalty lam/2 sum_t u_t^T F_t u_t, in reward units (paper: 1; 0 = unregularised).
+    K: responses per step (>= 2: the LOO baseline needs another sample). N: steps.
+    fisher: ``"reference"`` (F_t of the reference policy, from the first step's rollouts) or
+    ``"identity"`` (F_t = I, an ablation).
+
+    The iteration is stable for the penalty alone when eta * lam * ||F_t|| < 2 (and monotone when
+    < 1); ||F_t|| <= ||W||_2^2 / (2 temperature^2).
+    """
+
+    eta: float = 0.1
+    lam: float = 1.0
+    K: int = 8
+    N: int = 4
+    fisher: str = "reference"
+
+    def __post_init__(self) -> None:
+        check_number("eta", self.eta, low=0, low_open=True)
+        check_number("lam", self.lam, low=0)
+        check_number("K", self.K, low=2, integer=True)
+        check_number("N", self.N, low=1, integer=True)
+        check_choice("fisher", self.fisher, FISHERS)
+
+    @property
+    def budget(self) -> int:
+        """Samples drawn and scored, K * N (the first step's reference rollouts included)."""
+        return self.K * self.N
+
+
+# ---- pure functions --------------------------------------------------------------------------------
+
+
+def loo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages A_i = R_i - mean_{j != i} R_j, shape (K,) from rewards (K,), K >= 2.
+
+    Identity used by the tests: A_i = K / (K - 1) * (R_i - mean(R)), so sum_i A_i = 0.
+    """
+    r = torch.as_tensor(rewards)
+    if r.dim() != 1 or r.shape[0] < 2:
+        raise ParameterError(f"rewards must have shape (K,) with K >= 2, got {tuple(r.shape)}")
+    r = r.to(torch.float64)
+    K = r.shape[0]
+    return r - (r.sum() - r) / (K - 1)
+
+
+def _logits(W: torch.Tensor, b: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+    """Logits W z + b, shape (..., V) from z (..., d)."""
+    out = z @ W.T
+    return out if b is None else out + b
+
+
+def _position_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(K, T) bool, True at the generated positions t < lengths[i] (the EOS token included)."""
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _fit_u(u: torch.Tensor, T: int) -> torch.Tensor:
+    """u (T_u, d) cut or zero-padded to (T, d): positions beyond T_u carry no steering."""
+    if u.shape[0] >= T:
+        return u[:T]
+    return torch.cat([u, u.new_zeros(T - u.shape[0], u.shape[1])])
+
+
+def score_gradient(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor,
+                   lengths: torch.Tensor, advantages: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """LOO score-function estimate of d E_{pi_u}[R] / d u, shape (T_u, d).
+
+    g_t = 1/K sum_i A_i [t < lengths_i] W^T (e_{y_t^i} - p_t^i) / temperature, where
+    p_t^i = softmax((W (z_t^i + u_t) + b) / temperature) is the steered next-token distribution on
+    sample i's prefix. This is the gradient w.r.t. u of 1/K sum_i A_i log pi_u(y^i) (advantages
+    held fixed).
+
+    Args:
+        W: (V, d) LM head weight; b: (V,) bias or None.
+        Z: (K, T, d) the unsteered pre-logits recorded while sampling (any value after a sample's end).
+        u: (T_u, d) the steering vectors the samples were drawn with (positions t >= T_u: none).
+        tokens: (K, T) sampled ids (anything after a sample's end); lengths: (K,) tokens per sample.
+        advantages: (K,), e.g. :func:`loo_advantages`.
+    Returns:
+        (T_u, d) in the dtype of W; rows t >= T are zero (no sample reached them).
+    Memory: one sample's (T, V) probabilities at a time.
+    """
+    K, T, d = Z.shape
+    dtype, dev = W.dtype, W.device
+    uT = _fit_u(u.to(dtype=dtype, device=dev), T)
+    mask = _position_mask(lengths.to(dev), T)
+    A = advantages.to(dtype=dtype, device=dev)
+    coef = torch.zeros(T, W.shape[0], dtype=dtype, device=dev)  # sum_i A_i m_it (e_y - p) / (K tau)
+    for i in range(K):
+        p = torch.softmax(_logits(W, b, Z[i].to(dtype=dtype, device=dev) + uT) / temperature, dim=-1)  # (T, V)
+        e = torch.zeros_like(p).scatter_(1, tokens[i].to(dev).clamp_min(0)[:, None], 1.0)
+        w = (A[i] * mask[i].to(dtype))[:, None] / (K * temperature)
+        coef += w * (e - p)
+    g = coef @ W  # (T, d)
+    return _fit_u(g, u.shape[0])
+
+
+def fisher_vector_product(W: torch.Tensor, b: torch.Tensor | None, Z_ref: torch.Tensor, mask: torch.Tensor,
+                          u: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """F_t u_t for every position t, matrix-free, shape (T_u, d).
+
+    F_t = mean over the reference rows r valid at t of W^T (diag p - p p^T) W / temperature^2 with
+    p = softmax((W z_t^r + b) / temperature), so F_t u_t = mean_r W^T (p * (W u_t) - p (p . W u_t)) / tau^2.
+    A position that no reference row reached (t >= every reference length) uses the Fisher pooled
+    over all valid reference positions instead (so the penalty still acts there).
+
+    Args:
+        W: (V, d); b: (V,) or None. Z_ref: (R, T_ref, d) reference (unsteered, u = 0) pre-logits.
+        mask: (R, T_ref) bool, True where the position was generated. u: (T_u, d).
+    Returns:
+        (T_u, d) in the dtype of W. The d x d matrices are never formed.
+    """
+    R, T_ref, d = Z_ref.shape
+    dtype, dev = W.dtype, W.device
+    if mask.shape != (R, T_ref):
+        raise ParameterError(f"mask must have shape (R, T_ref) = ({R}, {T_ref}), got {tuple(mask.shape)}")
+    mask = mask.to(dev).bool()
+    count = mask.sum(0).to(dtype)  # (T_ref,)
+    if float(count.sum()) == 0:
+        raise ParameterError("the reference rollouts have no valid position")
+    T_u = u.shape[0]
+    u = u.to(dtype=dtype, device=dev)
+    Wu = _logits(W, None, _fit_u(u, T_ref))  # (T_ref, V): W u_t at the reference positions
+    out = torch.zeros(T_ref, d, dtype=dtype, device=dev)
+    # pooled Fisher applied to every u_t, for the positions no reference row reached
+    pooled_cov = torch.zeros(T_u, W.shape[0], dtype=dtype, device=dev)
+    Wu_all = _logits(W, None, u)  # (T_u, V)
+    for r in range(R):
+        m = mask[r].to(dtype)[:, None]
+        if not bool(mask[r].any()):
+            continue
+        p = torch.softmax(_logits(W, b, Z_ref[r].to(dtype=dtype, device=dev)) / temperature, dim=-1)  # (T_ref, V)
+        cov = p * Wu - p * (p * Wu).sum(-1, keepdim=True)  # (T_ref, V): (diag p - p p^T) W u_t
+        out += (m * cov) @ W
+        if T_u > T_ref or bool((count == 0).any()):
+            pv = p[mask[r]]  # (n_r, V)
+            # sum over this row's valid positions s of (diag p_s - p_s p_s^T) (W u_t), for every t
+            pooled_cov += Wu_all * pv.sum(0) - (Wu_all @ pv.T) @ pv
+    fu = torch.zeros(T_u, d, dtype=dtype, device=dev)
+    n = min(T_u, T_ref)
+    reached = count[:n] > 0
+    fu[:n][reached] = out[:n][reached] / count[:n][reached, None]
+    need = torch.ones(T_u, dtype=torch.bool, device=dev)
+    need[:n] = ~reached
+    if bool(need.any()):
+        fu[need] = (pooled_cov[need] @ W) / count.sum()
+    return fu / temperature**2
+
+
+def sequence_kl(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample Monte-Carlo terms of the sequence-level KL(pi_u || pi_ref), shape (K,).
+
+    For y^i ~ pi_u, sum_{t < lengths_i} KL(softmax((W (z_t^i + u_t) + b) / tau) || softmax((W z_t^i + b) / tau)):
+    the exact token-level KL on sample i's own prefix, summed over its real positions. Both
+    distributions come from the same z_t (steering only adds W u_t to the logits). The mean over
+    i is an unbiased estimate of KL(pi_u || pi_ref) over whole responses; the caller averages (and
+    bootstraps). Z: (K, T, d); u: (T_u, d); lengths: (K,).
+    """
+    K, T, d = Z.shape
+    dtype, dev = W.dtype, W.device
+    uT = _fit_u(u.to(dtype=dtype, device=dev), T)
+    mask = _position_mask(lengths.to(dev), T)
+    out = torch.zeros(K, dtype=dtype, device=dev)
+    for i in range(K):
+        base = _logits(W, b, Z[i].to(dtype=dtype, device=dev))
+        logq = torch.log_softmax(base / temperature, dim=-1)
+        logp = torch.log_softmax((base + _logits(W, None, uT)) / temperature, dim=-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # (T,)
+        out[i] = (kl * mask[i].to(dtype)).sum()
+    return out
+
+
+# ---- driver --------------------------------------------------------------------------------------------
+
+SHARED_FIELDS = ("K", "N")
+
+
+def _per_prompt_configs(cfg: MISVOConfig | Sequence[MISVOConfig], P: int) -> list[MISVOConfig]:
+    """One config per prompt; a list must share K and N (the prompts step in lockstep)."""
+    if isinstance(cfg, MISVOConfig):
+        return [cfg] * P
+    if isinstance(cfg, (str, bytes, dict)) or not isinstance(cfg, Sequence):
+        raise ParameterError(f"cfg must be a MISVOConfig or a list of them (one per prompt), got {type(cfg).__name__}")
+    cfgs = list(cfg)
+    if len(cfgs) != P:
+        raise ParameterError(f"give one config per prompt: {P} prompts, {len(cfgs)} configs")
+    for i, c in enumerate(cfgs):
+        if not isinstance(c, MISVOConfig):
+            raise ParameterError(f"cfg[{i}] must be a MISVOConfig, got {type(c).__name__}")
+    for field in SHARED_FIELDS:
+        if any(getattr(c, field) != getattr(cfgs[0], field) for c in cfgs):
+            raise ParameterError(f"all configs of one run_misvo_many call must share K and N ({field} differs)")
+    return cfgs
+
+
+def check_sampler_for_misvo(sampler: PrelogitSampler, decode: str | None = None) -> None:
+    """MISVO's score function needs plain sampling at the sampler's temperature, without truncation."""
+    decode = decode or sampler.decode
+    if decode != "sample":
+        raise ParameterError(f"MISVO needs decode = 'sample' (greedy decoding has no score function), got {decode!r}")
+    if 0 < sampler.top_k < sampler.head.weight.shape[0]:
+        raise ParameterError(f"MISVO needs top_k = 0 (its score function assumes the untruncated softmax), "
+                             f"got top_k = {sampler.top_k}")
+    if sampler.top_p < 1.0:
+        raise ParameterError(f"MISVO needs top_p = 1 (its score function assumes the untruncated softmax), "
+                             f"got top_p = {sampler.top_p}")
+
+
+def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str], user_texts: Sequence[str],
+                   cfg: MISVOConfig | Sequence[MISVOConfig], generators: Sequence[torch.Generator],
+                   decode: str | None = None) -> list[dict]:
+    """MISVO on several prompts in lockstep; one JSON-ready record per prompt.
+
+    Each step generates every prompt's K rows in one sampler call (steered by the prompt's current
+    u, shape (K, T, d) with T = ``sampler.max_new_tokens``; unsteered pre-logits recorded) and
+    scores them in one reward call; the prefill is computed once. A prompt's token draws come
+    from its own generator (:func:`prelogit.aisp.prompt_generator`) and nothing else is random, so
+    its record does not depend on the other prompts of the batch. The gradient algebra runs in
+    float64 on the LM head's device.
+
+    Args:
+        sampler: the sampler; decode must be ``sample`` with top_k = 0 and top_p = 1 (its temperature applies).
+        reward: the reward model that is optimised. prompts: templated prompts; user_texts: the
+            raw user turns the reward sees. cfg: one :class:`MISVOConfig` or one per prompt (sharing K and N).
+        generators: one RNG per prompt. decode: overrides the sampler's decode mode (must be ``sample``).
+    Returns:
+        Per prompt: ``method`` ("misvo"), ``config``, ``samples_used`` (K * N), ``best`` (reward,
+        response, step, index), ``iterations`` (per step k = 1..N: ``samples_so_far`` = K * k, the
+        K rewards, responses and lengths, ``u_norm`` (||u|| of the control these samples were drawn
+        with), ``grad_norm`` (||g||), ``u_norm_next`` (after the update), ``kl`` (the K per-sample
+        Monte-Carlo terms of KL(pi_u || pi_ref) of this step's samples, see :func:`sequence_kl`;
+        0 at step 1), ``kl_mean`` and ``best_so_far``), and ``cost`` (as for AISP).
+        ``best_so_far`` after step k is the answer of MISVO with N = k.
+    Raises:
+        ParameterError: greedy decoding, top-k or top-p on, or bad configs.
+    """
+    _check_prompt_lists(prompts, user_texts, generators)
+    check_sampler_for_misvo(sampler, decode)
+    P, d, T = len(prompts), sampler.d, sampler.max_new_tokens
+    cfgs = _per_prompt_configs(cfg, P)
+    K, N = cfgs[0].K, cfgs[0].N
+    tau = sampler.temperature
+    head = sampler.head
+    W = head.weight.detach().to(torch.float64)
+    b = None if getattr(head, "bias", None) is None else head.bias.detach().to(torch.float64)
+    meters = [CostMeter() for _ in range(P)]
+    pre = _prefill(sampler, prompts, meters)
+    U = [torch.zeros(T, d, dtype=torch.float64, device=W.device) for _ in range(P)]
+    ref: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * P
+    best = [{"reward": float("-inf"), "response": None, "step": None, "index": None} for _ in range(P)]
+    iterations: list[list[dict]] = [[] for _ in range(P)]
+    for k in range(1, N + 1):
+        # the control the sampler applies is u rounded to float32; the algebra uses that same value
+        applied = [u.float() for u in U]
+        gens = _generate(sampler, pre, [K] * P, meters, controls=[a[None].expand(K, T, d).cpu() for a in applied],
+                         generators=generators, decode="sample", record_prelogits=True)
+        scores = _score(reward, user_texts, gens, meters)
+        for p in range(P):
+            c, g, r = cfgs[p], gens[p], scores[p]
+            u_used = applied[p].to(torch.float64)
+            Z = g.prelogits  # (K, T_used, d), unsteered
+            if k == 1:
+                ref[p] = (Z, _position_mask(g.lengths, Z.shape[1]))
+            i_best = int(torch.argmax(r))
+            if float(r[i_best]) > best[p]["reward"]:
+                best[p] = {"reward": float(r[i_best]), "response": g.texts[i_best], "step": k, "index": i_best}
+            kl = sequence_kl(W, b, Z, u_used, g.lengths, tau)
+            A = loo_advantages(r)
+            grad = score_gradient(W, b, Z, u_used, g.tokens, g.lengths, A, tau)
+            step = grad
+            if c.lam > 0:
+                Fu = U[p] if c.fisher == "identity" else fisher_vector_product(W, b, ref[p][0], ref[p][1], U[p], tau)
+                step = grad - c.lam * Fu
+            rec = {"k": k, "samples_so_far": K * k, "rewards": r.tolist(), "responses": g.texts,
+                   "lengths": g.lengths.tolist(), "u_norm": float(U[p].norm()), "grad_norm": float(grad.norm()),
+                   "kl": kl.tolist(), "kl_mean": float(kl.mean()), "best_so_far": dict(best[p])}
+            U[p] = U[p] + c.eta * step
+            rec["u_norm_next"] = float(U[p].norm())
+            iterations[p].append(rec)
+    return [{"method": "misvo", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
+             "iterations": iterations[p], "cost": meters[p].as_dict()} for p in range(P)]
+
+
+def run_misvo(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, cfg: MISVOConfig,
+              generator: torch.Generator, decode: str | None = None) -> dict:
+    """MISVO on one prompt: :func:`run_misvo_many` with a single prompt."""
+    return run_misvo_many(sampler, reward, [prompt], [user_text], cfg, [generator], decode)[0]
