@@ -11,21 +11,9 @@ from prelogit.checks import ParameterError
 from prelogit.misvo import (MISVOConfig, fisher_vector_product, loo_advantages, run_misvo, run_misvo_many,
                             score_gradient, sequence_kl)
 from prelogit.sampling import PrelogitSampler
+from toy_rewards import VowelShare as Vowels
 
 F64 = torch.float64
-
-
-class Vowels:
-    """Reward = share of vowels among the letters of the response (0 for no letters)."""
-
-    name = "vowels"
-
-    def score(self, prompts, responses):
-        out = []
-        for r in responses:
-            letters = [c for c in r.lower() if c.isalpha()]
-            out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
-        return torch.tensor(out)
 
 
 def _head(V=6, d=4, seed=0, scale=1.0, bias=True):
