@@ -65,6 +65,29 @@ def same_greedy_or_tie(model, tokenizer, prompt: str, got: list[int], want: list
     return False
 
 
+def teacher_forced_logits(model, tokenizer, prompt: str, tokens: torch.Tensor) -> torch.Tensor:
+    """(L, V) float64 logits that predicted each of the L response ``tokens``: one uncached forward pass of
+    the base model over prompt + response (an independent path from the samplers' cached loops)."""
+    ids = PrelogitSampler(model, tokenizer).encode(prompt)
+    P, L = ids.shape[1], len(tokens)
+    with torch.no_grad():
+        logits = model(torch.cat([ids[0], tokens.to(ids.device)])[None]).logits[0, P - 1: P - 1 + L]
+    return logits.double()
+
+
+def base_nll(model, tokenizer, prompt: str, tokens: torch.Tensor) -> float:
+    """-log pi_ref(y | x) of the response ``tokens`` under the base model at temperature 1."""
+    logp = torch.log_softmax(teacher_forced_logits(model, tokenizer, prompt, tokens), -1)
+    return -float(logp.gather(1, tokens.view(-1, 1)).sum())
+
+
+# Tolerance of a KL recorded by the cached float32 loop against the uncached float64 replay above: the two
+# paths round the tiny model's float32 logits differently by ~1e-7 (logits O(0.1-1), d = 32) and both
+# normalise in float64, so each token's log-probability agrees to ~1e-7; 1e-5 covers 16 tokens with margin
+# (measured: at most 4e-7 on KLs of 60-100).
+KL_ATOL = 1e-5
+
+
 # ---- ARGS -------------------------------------------------------------------------------------
 
 def test_args_without_reward_weight_is_greedy_decoding(tiny_lm, tokenizer):
@@ -76,6 +99,40 @@ def test_args_without_reward_weight_is_greedy_decoding(tiny_lm, tokenizer):
     if same_greedy_or_tie(tiny_lm, tokenizer, prompt, res.tokens.tolist(), g.tokens[0, : g.lengths[0]].tolist()):
         assert res.text == g.texts[0]
         assert res.forward_calls == g.forward_calls
+
+
+def test_args_greedy_kl_is_the_base_models_nll(tiny_lm, tokenizer):
+    """ARGS-greedy is a point mass: its KL against the base model is -log pi_ref(y | x), with w = 0 (plain
+    greedy decoding) and with a reward weight that moves the choice."""
+    user = USER_TURNS[1]
+    prompt = chat(tokenizer, user)
+    for w in (0.0, 1e4):
+        res = args_generate(tiny_lm, tokenizer, prompt, user, LetterCount("e"), k=10, w=w, max_new_tokens=10)
+        assert res.kl_steps.dtype == torch.float64 and res.kl_steps.shape == res.tokens.shape
+        assert res.kl == float(res.kl_steps.sum()) and res.as_dict()["kl"] == res.kl
+        assert res.kl == pytest.approx(base_nll(tiny_lm, tokenizer, prompt, res.tokens), abs=KL_ATOL, rel=0), w
+        assert (res.deviation_rate > 0) == (w > 0)
+
+
+def test_args_sampling_kl_is_the_candidate_softmax_against_the_base(tiny_lm, tokenizer):
+    """ARGS-stochastic's per-step KL, recomputed by hand from the recorded candidates, logits and rewards
+    and the base model's full next-token distribution (uncached replay), at a sampler temperature of 0.7."""
+    from prelogit.args import args_generate_many
+
+    T, w = 0.7, 0.5
+    sampler = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=8, temperature=T)
+    users = USER_TURNS[2:]
+    prompts = [chat(tokenizer, u) for u in users]
+    results = args_generate_many(sampler, prompts, users, LetterCount("e"), k=6, w=w, decode="sample",
+                                 generators=[torch.Generator().manual_seed(i) for i in range(2)], temperature=T)
+    for prompt, res in zip(prompts, results):
+        logp = torch.log_softmax(teacher_forced_logits(tiny_lm, tokenizer, prompt, res.tokens) / T, -1)
+        logp = logp.gather(1, res.candidates)  # (steps, k) log p_t(c_j), the sampler's tempered distribution
+        logq = torch.log_softmax((res.logits.double() + w * res.rewards.double()) / T, -1)
+        expected = (logq.exp() * (logq - logp)).sum(-1)
+        assert res.deviation_rate > 0  # the reward moved draws off the top-logit token
+        torch.testing.assert_close(res.kl_steps, expected, rtol=0, atol=KL_ATOL)
+        assert res.kl == pytest.approx(float(expected.sum()), abs=KL_ATOL, rel=0)
 
 
 def test_args_large_weight_follows_the_reward(tiny_lm, tokenizer):
@@ -215,6 +272,10 @@ def test_recontrol_ascent_steers_decoding(tiny_lm, tokenizer):
     n = int(g.lengths[0])
     assert g.tokens[0, :n].tolist() == [target] * n
     assert g.meta["value_grad_steps"] == 10 * n
+    # greedy on moved pre-logits: the KL against the base model is -log pi_ref(y | x) of the response
+    assert g.kl.dtype == torch.float64 and g.kl.shape == (1,)
+    nll = base_nll(tiny_lm, tokenizer, chat(tokenizer, USER_TURNS[1]), g.tokens[0, :n])
+    assert float(g.kl[0]) == pytest.approx(nll, abs=KL_ATOL, rel=0)
     assert all(a > b for a, b in zip(g.meta["value_after"], g.meta["value_before"]))
 
 
@@ -236,6 +297,8 @@ def test_recontrol_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
         # V is a float64 matrix-vector product over batches of other shapes: equal to float64 rounding
         torch.testing.assert_close(torch.tensor(a.meta["value_before"]), torch.tensor(b.meta["value_before"]),
                                    rtol=1e-12, atol=1e-14)
+        # the KL is taken on the float32-rounded logits the sampler uses: equal to float32 rounding (~1e-7)
+        torch.testing.assert_close(a.kl, b.kl, rtol=1e-6, atol=1e-6)
 
 
 def test_args_many_equals_each_prompt_alone(tiny_lm64, tokenizer):

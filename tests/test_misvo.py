@@ -232,7 +232,14 @@ def test_record_is_consistent(sampler):
         assert b["u_norm"] == a["u_norm_next"]
     assert its[1]["u_norm"] > 0 and all(x > 0 for x in its[1]["kl"])
     assert math.isclose(its[1]["kl_mean"], sum(its[1]["kl"]) / 3, rel_tol=1e-12)
-    assert rec["cost"]["generations"] == 9 and rec["cost"]["reward_calls"] == 9 and rec["cost"]["reward_batches"] == 3
+    # the final rollout (one response from the final u) is logged and costed apart from the K * N budget
+    fin = rec["final_rollout"]
+    assert len(fin["responses"]) == len(fin["rewards"]) == len(fin["kl"]) == 1 and fin["kl"][0] > 0
+    assert fin["u_norm"] == its[-1]["u_norm_next"]
+    assert rec["cost"]["generations"] == 10 and rec["cost"]["reward_calls"] == 10 and rec["cost"]["reward_batches"] == 4
+    off = run_misvo(sampler, Vowels(), PROMPT, PROMPT, MISVOConfig(eta=50.0, lam=1.0, K=3, N=3, final_rollout=False),
+                    prompt_generator(0, 0))
+    assert off["final_rollout"] is None and off["iterations"] == its and off["cost"]["generations"] == 9
 
 
 def test_first_step_is_best_of_K_and_its_update_is_eta_times_the_gradient(sampler):
@@ -264,7 +271,7 @@ def test_many_equals_each_prompt_alone(sampler):
                               [prompt_generator(4, keys[i]) for i in order])
         for rec, i in zip(recs, order):
             assert _results(rec) == _results(alone[i]), (max_rows, order, i)
-            assert rec["cost"]["generations"] == 9
+            assert rec["cost"]["generations"] == 10
 
 
 def test_per_prompt_configs_and_ablations(sampler):
@@ -281,7 +288,7 @@ def test_per_prompt_configs_and_ablations(sampler):
     assert first[0]["u_norm_next"] == first[1]["u_norm_next"] == first[2]["u_norm_next"]
     nxt = [r["iterations"][1]["u_norm_next"] for r in recs]
     assert len(set(nxt)) == 3
-    with pytest.raises(ParameterError, match="share K and N"):
+    with pytest.raises(ParameterError, match="must share K"):
         run_misvo_many(sampler, Vowels(), [PROMPT] * 2, [PROMPT] * 2, [cfgs[0], MISVOConfig(K=4, N=2)],
                        [prompt_generator(1, i) for i in range(2)])
 

@@ -28,8 +28,9 @@ def baseline() -> dict:
     """The repository's params.yaml with every prompt count fitted to :data:`SPLITS`."""
     p = params.load(ROOT / "params.yaml")
     p["prepare"].update(n_train=SPLITS["train"], n_val=SPLITS["val"], n_test=SPLITS["test"])
-    for stage in ("bon", "aisp", "args", "recontrol"):
+    for stage in ("bon", "aisp", "args", "recontrol", "misvo"):
         p[stage]["n_prompts"] = SPLITS["test"]
+    p["misvo"].update(val_prompts=SPLITS["val"], rungs=[1, 2])
     p["bon"]["large_prompts"] = p["aisp"]["large_prompts"] = p["aisp"]["lit_prompts"] = 2
     p["aisp"]["variance_prompts"] = 2
     p["tune"].update(n_prompts=SPLITS["val"], rungs=[1, 2], claim_prompts=SPLITS["val"])
@@ -124,6 +125,20 @@ CASES = [
     ("tune", put("tune.claim_prompts", 3), "tune.claim_prompts = 3 exceeds tune.n_prompts = 2"),
     ("tune", put("tune.n", [8, 24]), "tune.n[1] = 24 does not divide tune.N = 64"),
     ("bon", put("bon.budgets", []), "bon.budgets must be a list of at least 1 item(s)"),
+    ("misvo", put("misvo.rungs", [2, 1]), "misvo.rungs = [2, 1] must increase strictly and end at most at "
+                                          "misvo.val_prompts = 2"),
+    ("misvo", put("misvo.K", [4, 24]), "misvo.K[1] = 24 does not divide misvo.N = 64; the budget is K x steps"),
+    ("misvo", lambda p, d: p["misvo"]["center"].__setitem__("fisher", "diagonal"),
+     "misvo.center.fisher must be one of 'reference', 'identity', got 'diagonal'"),
+    ("misvo", lambda p, d: p["misvo"]["center"].pop("eta"), "misvo.center: missing key(s) eta"),
+    ("misvo", put("misvo.eta", [0.1, 0]), "misvo.eta[1] must be > 0, got 0"),
+    ("misvo", put("misvo.K", [1]), "misvo.K[0] must be >= 2, got 1"),
+    ("misvo", put("misvo.halving", 1), "misvo.halving must be >= 2, got 1"),
+    ("misvo", put("generation.top_k", 50), "MISVO's score function needs untruncated sampling: generation.top_k = 50"),
+    ("misvo", put("misvo.N", 128), "must not exceed tune.n_prompts = 2 and tune.N = 64: the search is scored against "
+                                   "the tune stage's best-of-N draws"),
+    ("misvo", put("misvo.n_prompts", 5), "misvo.n_prompts = 5 but results/prepare/prompts.jsonl has 4 test prompts"),
+    ("prepare", put("misvo.val_prompts", 3), "prepare.n_val = 2 but the misvo stage asks for misvo.val_prompts = 3"),
     ("prepare", put("prepare.source", "hh_rlhf"), "prepare.source_path must name the hh_rlhf data file"),
     ("bon", HF, "reward.name must name a sequence-classification reward model"),
     ("aisp", put("aisp.lit_prompts", 5), "aisp.lit_prompts = 5 exceeds aisp.n_prompts = 4"),

@@ -195,14 +195,15 @@ def test_killed_stage_leaves_previous_outputs_and_repro_recovers(repo):
 
 
 def test_same_seed_gives_identical_samples_and_curves(repo):
-    """tune, bon and aisp re-run with the same parameters: identical results, timing keys aside."""
+    """tune, bon, aisp and misvo re-run with the same parameters: identical results, timing keys aside."""
     files = {"tune": ["search.json", "selected.json", "bon.jsonl", "metrics.json", "params.yaml"],
              "bon": ["samples.jsonl", "curve.json", "base_rewards.json", "metrics.json", "params.yaml"],
              "aisp": ["samples.jsonl", "curve.json", "literature.jsonl", "literature_curve.json", "variance.json",
-                      "metrics.json", "params.yaml"]}
+                      "metrics.json", "params.yaml"],
+             "misvo": ["search.json", "selected.json", "samples.jsonl", "curve.json", "metrics.json", "params.yaml"]}
     paths = [repo / "results" / stage / name for stage, names in files.items() for name in names]
     first = {p: p.read_bytes() for p in paths}
-    run = _dvc(repo, "repro", "--force", "-s", "tune", "bon", "aisp")
+    run = _dvc(repo, "repro", "--force", "-s", "tune", "bon", "aisp", "misvo")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert all(f"Running stage '{s}'" in run.stdout for s in files)
 

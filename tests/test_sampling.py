@@ -315,3 +315,145 @@ def test_smollm_float32_batched_greedy_equals_one_prompt_path(smollm_dir):
         # layers with other matrix shapes, so sums round in another order. Measured on the project's
         # CPU, one thread: at most 7.6e-5 absolute. The bound is 1e-4, absolute plus relative.
         torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+# ---- the recorded KL against the unsteered model -------------------------------------------------
+
+def _teacher_forced_nll(model, ids, tokens):
+    """-sum_t log p_ref(y_t | x, y_<t) of ``tokens`` (L,) after the prompt ``ids`` (1, P): one uncached
+    forward pass of the base model over prompt + response, log-softmax of its logits in float64."""
+    full = torch.cat([ids[0], tokens.to(ids.device)])[None]
+    P, L = ids.shape[1], len(tokens)
+    with torch.no_grad():
+        logits = model(full).logits[0, P - 1: P - 1 + L].double()
+    return -float(torch.log_softmax(logits, -1).gather(1, tokens.view(-1, 1)).sum())
+
+
+def _controls(n, tau, d, scale, seed, dtype=torch.float32):
+    return scale * torch.randn(n, tau, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_kl_without_control_is_zero(tiny_lm, tokenizer):
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=6, temperature=0.8, top_k=40, top_p=0.9)
+    g0, g1 = s.generate_many(PROMPTS[:2], [3, 2], generators=[torch.Generator().manual_seed(i) for i in range(2)],
+                             record_kl=True)
+    for g in (g0, g1):
+        assert g.kl.dtype == torch.float64 and g.kl.shape == (g.tokens.shape[0],)
+        assert g.kl.tolist() == [0.0] * g.tokens.shape[0]  # q and p are the same distribution, bit for bit
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_kl_of_controlled_sampling_equals_sequence_kl(tiny_lm, tokenizer, temperature):
+    """The sampler's KL against :func:`prelogit.misvo.sequence_kl` on the recorded pre-logits, row by row
+    (each row its own control; tau = 3 of 7 tokens, so steps past tau add nothing)."""
+    from prelogit.misvo import sequence_kl
+
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=7, temperature=temperature)
+    V = _controls(4, 3, s.d, 5.0, 3)
+    g = s.generate(PROMPTS[1], 4, control=V, generator=torch.Generator().manual_seed(4), record_prelogits=True,
+                   record_kl=True)
+    W = tiny_lm.get_output_embeddings().weight.detach().double()
+    ref = torch.cat([sequence_kl(W, None, g.prelogits[i: i + 1], V[i].double(), g.lengths[i: i + 1], temperature)
+                     for i in range(4)])
+    assert (ref > 0.01).all(), ref  # the control is material
+    # The sampler's logits are float32 matrix products (W z and W (z + v): sums of d = 32 terms of size
+    # ~|W_j| |z| ~ 1, each rounded to ~6e-8 relative) where sequence_kl works in float64; a logit error e
+    # moves a token-level KL by at most about 2 e / temperature, so over <= 3 steered tokens 1e-5 leaves a
+    # wide margin (measured: at most 1.5e-7 on KLs of 0.4-1.5).
+    torch.testing.assert_close(g.kl, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_of_controlled_greedy_is_the_base_models_nll(tiny_lm, tokenizer):
+    """Greedy decoding is a point mass: each row's KL is -log pi_ref(y | x) of its own response."""
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=6, decode="greedy")
+    ids = s.encode(PROMPTS[2], chat=True)
+    V = _controls(3, 6, s.d, 5.0, 5)
+    g = s.generate(ids, 3, control=V, record_kl=True)
+    plain = s.generate(ids, 1)
+    assert any(_tokens(g, i) != _tokens(plain, 0) for i in range(3))  # the control changed the responses
+    for i in range(3):
+        nll = _teacher_forced_nll(tiny_lm, ids, g.tokens[i, : g.lengths[i]])
+        # float32 logits, cached vs uncached forward (other shapes, other rounding): each log-probability
+        # (about -10.7 = -log V for the near-uniform random model) is off by ~1e-8 (float32 rounding of the
+        # logits; both sides normalise in float64); 6 tokens within 1e-5 (measured: at most 1e-7 on KLs of ~64).
+        assert g.kl[i] == pytest.approx(nll, abs=1e-5, rel=0), (i, float(g.kl[i]), nll)
+
+
+def test_kl_of_plain_greedy_is_the_nll_of_the_greedy_response(tiny_lm, tokenizer):
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=5, decode="greedy")
+    ids = s.encode(PROMPTS[0], chat=True)
+    g = s.generate(ids, 1, record_kl=True)
+    # as above: float32 cached vs uncached logits, 5 tokens
+    assert g.kl[0] == pytest.approx(_teacher_forced_nll(tiny_lm, ids, g.tokens[0, : g.lengths[0]]), abs=1e-5, rel=0)
+
+
+@pytest.mark.parametrize("decode", ["sample", "greedy"])
+def test_record_kl_does_not_change_the_tokens(tiny_lm, tokenizer, decode):
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=6, decode=decode, temperature=0.9)
+    V = [_controls(3, 4, s.d, 3.0, 6), None]
+    kw = dict(controls=V, record_prelogits=True)
+    a = s.generate_many(PROMPTS[:2], [3, 2], generators=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
+    b = s.generate_many(PROMPTS[:2], [3, 2], generators=[torch.Generator().manual_seed(i) for i in range(2)],
+                        record_kl=True, **kw)
+    for x, y in zip(a, b):
+        assert x.kl is None and y.kl is not None
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.lengths, y.lengths)
+        assert torch.equal(x.prelogits, y.prelogits)
+
+
+def test_token_kl_with_truncation_matches_a_float64_hand_computation(tiny_lm, tokenizer):
+    """top-k on both sides: q lives on the steered top k, p on the base top k; a token q keeps and p drops
+    makes the KL infinite."""
+    s = PrelogitSampler(tiny_lm, tokenizer, temperature=0.7, top_k=5)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 50, generator=g)
+    steered = base.clone()
+    steered[0] += 0.3 * torch.randn(50, generator=g)  # row 0: shifted, maybe another top 5
+    steered[1, base[1].argsort()[:5]] += 100.0  # row 1: q's top 5 are p's bottom 5
+    kl = s.token_kl(steered, base)
+
+    def hand(x):
+        x = x.double() / 0.7
+        keep = x >= x.topk(5).values[-1]
+        return torch.where(keep, x - torch.logsumexp(x[keep], 0), torch.tensor(float("-inf"), dtype=torch.float64))
+
+    lq, lp = hand(steered[0]), hand(base[0])
+    expected = float(sum(lq[j].exp() * (lq[j] - lp[j]) for j in range(50) if lq[j] > float("-inf")))
+    assert kl[0] == pytest.approx(expected, rel=1e-6, abs=1e-9)  # float32 truncation, float64 sums
+    assert kl[1] == float("inf") and kl[2] == 0.0
+    chosen = base[2].argsort()[:1]  # greedy on a token top-k removes from p: infinitely unlikely
+    assert s.token_kl(steered[2:], base[2:], chosen)[0] == float("inf")
+
+
+def test_record_kl_with_a_chooser_is_refused(tiny_lm, tokenizer):
+    s = PrelogitSampler(tiny_lm, tokenizer, max_new_tokens=3)
+    with pytest.raises(ParameterError, match="record_kl"):
+        s.generate_many(PROMPTS[:1], [1], chooser=lambda logits, t, rows, prefix: logits.argmax(-1), record_kl=True)
+
+
+@pytest.mark.parametrize("decode", ["sample", "greedy"])
+def test_a_prompts_kl_does_not_depend_on_its_batch(tiny_lm64, tokenizer, decode):
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=6, decode=decode)
+    prompts = [s.encode(p, chat=True)[0].tolist() for p in MIXED]
+    counts = [3, 1, 4, 2]
+    V = [_controls(c, 3, s.d, 3.0, 60 + i, torch.float64) for i, c in enumerate(counts)]
+    V[1] = None  # one prompt without control among controlled ones: its sampling KL stays 0
+
+    def run(ps, cs, vs, seeds):
+        return s.generate_many(ps, cs, controls=vs, generators=[torch.Generator().manual_seed(x) for x in seeds],
+                               record_kl=True)
+
+    alone = [run([p], [c], [v], [10 + i])[0] for i, (p, c, v) in enumerate(zip(prompts, counts, V))]
+    if decode == "sample":
+        assert alone[1].kl.tolist() == [0.0]
+    for max_rows, order in [(1000, [0, 1, 2, 3]), (3, [2, 0, 3, 1])]:
+        s.max_rows = max_rows
+        together = run([prompts[i] for i in order], [counts[i] for i in order], [V[i] for i in order],
+                       [10 + i for i in order])
+        for i, b in zip(order, together):
+            a = alone[i]
+            assert torch.equal(a.tokens, b.tokens)
+            # float64 model, but the KL is taken on the float32-rounded logits the sampler draws from: a
+            # batch of another shape may round a logit to the neighbouring float32 (~6e-8 relative), so
+            # KLs of size O(1) agree to ~1e-7, not bit for bit.
+            torch.testing.assert_close(a.kl, b.kl, rtol=1e-6, atol=1e-6)

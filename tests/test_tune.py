@@ -10,7 +10,9 @@ from prelogit.checks import ParameterError
 from prelogit.sampling import PrelogitSampler
 from toy_rewards import VowelShare
 
-from prelogit.tune import FACTORS, arm_config, candidate_arms, claim_arms, run_arms, successive_halving
+from prelogit.misvo import MISVOConfig, run_misvo_many
+from prelogit.tune import (FACTORS, arm_config, candidate_arms, claim_arms, one_factor_arms, run_arms,
+                           successive_halving)
 
 CENTER = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
           "n": 16, "decode": "sample"}
@@ -216,6 +218,41 @@ def test_run_arms_equals_each_pair_alone(tiny_lm64, tokenizer):
     assert out[(0, "q0")]["iterations"][0]["lam_eff"] != out[(4, "q0")]["iterations"][0]["lam_eff"]
     other = run_arms(s, VowelShare(), configs, rows, [(0, "q0")], seed=8)
     assert _results(other[(0, "q0")]) != _results(out[(0, "q0")])
+
+
+def test_run_arms_runs_misvo_arms_beside_aisp_ones(tiny_lm64, tokenizer):
+    """MISVO configs of two (K, N) groups mixed with an AISP arm: each pair's record is the one its own
+    driver gives that prompt alone; MISVO arms that differ only in eta share their first step (CRN)."""
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=4, max_rows=5)
+    configs = [(MISVOConfig(eta=20.0, lam=1.0, K=2, N=2, final_rollout=False), "sample"),
+               (MISVOConfig(eta=60.0, lam=1.0, K=2, N=2, final_rollout=False), "sample"),
+               (MISVOConfig(eta=20.0, lam=0.0, K=4, N=1, fisher="identity", final_rollout=False), "sample"),
+               (arm_config(dict(CENTER, n=2, tau=2), rms=1.5, max_new_tokens=4, N=4), "sample")]
+    rows = [{"id": f"q{i}", "prompt": t, "text": t} for i, t in enumerate(["Hi!", "I lost my keys again."])]
+    pairs = [(i, pid) for i in range(4) for pid in ("q0", "q1")]
+    out = run_arms(s, VowelShare(), configs, rows, pairs, seed=3, max_prompts=3)
+    text = {r["id"]: r["prompt"] for r in rows}
+    for (i, pid), rec in out.items():
+        cfg, decode = configs[i]
+        run = run_misvo_many if isinstance(cfg, MISVOConfig) else run_aisp_many
+        alone = run(s, VowelShare(), [text[pid]], [text[pid]], cfg, [prompt_generator(3, pid)], decode=decode)[0]
+        assert _results(rec) == _results(alone), (i, pid)
+        assert rec["method"] == ("misvo" if i < 3 else "aisp")
+    a, b = out[(0, "q0")]["iterations"], out[(1, "q0")]["iterations"]
+    assert a[0]["responses"] == b[0]["responses"] and a[0]["u_norm_next"] != b[0]["u_norm_next"]
+
+
+def test_one_factor_arms_vary_one_factor_at_a_time():
+    center = {"eta": 0.1, "lam": 1.0, "K": 16, "fisher": "reference", "label": "x"}
+    arms = one_factor_arms(center, {"eta": [0.3, 0.1], "lam": [0.0], "fisher": ["identity"]})
+    assert [a["label"] for a in arms] == ["center", "eta=0.3", "lam=0.0", "fisher=identity"]  # eta=0.1 = center
+    assert arms[1] == {"label": "eta=0.3", "eta": 0.3, "lam": 1.0, "K": 16, "fisher": "reference"}
+    for a in arms[1:]:
+        assert sum(a[k] != arms[0][k] for k in ("eta", "lam", "K", "fisher")) == 1
+    with pytest.raises(ParameterError, match="unknown sweep key 'sigma'"):
+        one_factor_arms(center, {"sigma": [1.0]})
+    with pytest.raises(ParameterError, match="must be a list"):
+        one_factor_arms(center, {"eta": 0.3})
 
 
 def test_run_arms_rejects_unknown_prompts_and_configs(tiny_lm, tokenizer):

@@ -46,7 +46,8 @@ class AISPConfig:
     deviation of the rewards within the iteration (so lam is unit-free). alpha, alpha_mode: see
     :func:`prelogit.control.likelihood_ratio_coefficient`. n: samples per iteration and chain;
     K: iterations; tau: controlled tokens; B: chains. final_rollout: also generate (and log, not
-    select from) one response from each chain's final mean.
+    select from) one response from each chain's final mean, with its sequence-level KL terms
+    against the base model (:attr:`prelogit.sampling.Generation.kl`).
     """
 
     sigma: float = 0.5
@@ -132,25 +133,29 @@ def _prefill(sampler: PrelogitSampler, prompts: Sequence[str], meters: list[Cost
 SHARED_FIELDS = ("n", "K", "B", "final_rollout")
 
 
-def _per_prompt_configs(cfg: AISPConfig | Sequence[AISPConfig], P: int) -> list[AISPConfig]:
-    """One config per prompt from ``cfg`` (one config for all, or a list of P that share
-    :data:`SHARED_FIELDS`: the lockstep iterations need the same n, K, B and final rollout)."""
-    if isinstance(cfg, AISPConfig):
+def per_prompt_configs(cfg, P: int, cls: type = AISPConfig, shared: Sequence[str] = SHARED_FIELDS,
+                       caller: str = "run_aisp_many") -> list:
+    """One config per prompt from ``cfg``: one ``cls`` instance for all prompts, or a list of P of
+    them that agree on the ``shared`` fields (the lockstep iterations of ``caller`` need them equal).
+    Used by AISP (``n, K, B, final_rollout``) and MISVO (:mod:`prelogit.misvo`).
+    """
+    name = cls.__name__
+    if isinstance(cfg, cls):
         return [cfg] * P
     if isinstance(cfg, (str, bytes, dict)) or not isinstance(cfg, Sequence):
-        raise ParameterError(f"cfg must be an AISPConfig or a list of them (one per prompt), got {type(cfg).__name__}")
+        raise ParameterError(f"cfg must be an {name} or a list of them (one per prompt), got {type(cfg).__name__}")
     cfgs = list(cfg)
     if len(cfgs) != P:
         raise ParameterError(f"give one config per prompt: {P} prompts, {len(cfgs)} configs")
     for i, c in enumerate(cfgs):
-        if not isinstance(c, AISPConfig):
-            raise ParameterError(f"cfg[{i}] must be an AISPConfig, got {type(c).__name__}")
-    for field in SHARED_FIELDS:
+        if not isinstance(c, cls):
+            raise ParameterError(f"cfg[{i}] must be an {name}, got {type(c).__name__}")
+    for field in shared:
         values = [getattr(c, field) for c in cfgs]
         if any(v != values[0] for v in values):
             i = next(i for i, v in enumerate(values) if v != values[0])
-            raise ParameterError(f"all configs of one run_aisp_many call must share {field} (and "
-                                 f"{', '.join(f for f in SHARED_FIELDS if f != field)}): cfg[0].{field} = "
+            raise ParameterError(f"all configs of one {caller} call must share {field} (and "
+                                 f"{', '.join(f for f in shared if f != field)}): cfg[0].{field} = "
                                  f"{values[0]!r} but cfg[{i}].{field} = {values[i]!r}")
     return cfgs
 
@@ -176,7 +181,7 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
     """
     _check_prompt_lists(prompts, user_texts, generators)
     P, d = len(prompts), sampler.d
-    cfgs = _per_prompt_configs(cfg, P)
+    cfgs = per_prompt_configs(cfg, P)
     B, n, K, final_rollout = cfgs[0].B, cfgs[0].n, cfgs[0].K, cfgs[0].final_rollout
     meters = [CostMeter() for _ in range(P)]
     pre = _prefill(sampler, prompts, meters)
@@ -211,9 +216,10 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
             iterations[p].append(rec)
     finals = [None] * P
     if final_rollout:
-        gens = _generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode)
+        gens = _generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode,
+                         record_kl=True)
         scores = _score(reward, user_texts, gens, meters)
-        finals = [{"responses": g.texts, "rewards": s.tolist()} for g, s in zip(gens, scores)]
+        finals = [{"responses": g.texts, "rewards": s.tolist(), "kl": g.kl.tolist()} for g, s in zip(gens, scores)]
     return [{"method": "aisp", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
              "iterations": iterations[p], "final_rollout": finals[p],
              "kl_final": [float(kl_to_base(U[p][b], cfgs[p].sigma)) for b in range(B)], "cost": meters[p].as_dict()}
@@ -233,7 +239,11 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
     Returns:
         A JSON-ready record: ``best`` (response, reward, iteration, chain), ``iterations`` (per
         iteration and chain: rewards (n,), weights (n,), ESS, ||U||, KL(Q_U||P), effective lambda,
-        the responses, and the best-so-far), ``final_rollout`` (per chain) and the cost counters.
+        the responses, and the best-so-far), ``final_rollout`` (per chain: the response generated from
+        the final mean U without noise, its reward and ``kl``, the Monte-Carlo term of the
+        sequence-level KL(pi_U || pi_ref) of the policy steered by U; see
+        :attr:`prelogit.sampling.Generation.kl`), ``kl_final`` (the control-space KL(Q_U || P) of the
+        final mean, per chain) and the cost counters.
     """
     return run_aisp_many(sampler, reward, [prompt], [user_text], cfg, [generator], decode)[0]
 

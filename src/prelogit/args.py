@@ -46,6 +46,15 @@ class ArgsResult:
     candidates (T, k') token ids sorted by LM logit, descending; logits (T, k') their raw
     logits; rewards (T, k') the reward of each extended response; chosen (T,) the index into
     the k' candidates that was taken (0 = the plain greedy token).
+    kl_steps (T,) float64: per step, the exact token-level KL(q_t || p_t) of ARGS's own next-token
+    distribution q_t against the base model's sampling distribution p_t on the same prefix, i.e.
+    ``sampler.next_token_probs`` of the LM's unmodified logits (the sampler's temperature, top-k and
+    top-p). ARGS-greedy's q_t is the point mass on the chosen token, so the term is -log p_t(chosen);
+    ARGS-stochastic's q_t is softmax(score / temperature) over the k' candidates, so the term is
+    sum_j q_j (log q_j - log p_t(c_j)). A term is +inf where q_t puts mass on a token that the
+    sampler's top-k or top-p removed from p_t. :attr:`kl` (their sum over the response, EOS
+    included) is one sample of the sequence-level KL(pi_ARGS || pi_ref); its mean over prompts
+    estimates the expected KL, and for ARGS-greedy it is exactly -log pi_ref(y | x).
     cost: forward calls (one per generated token, the prefill included), texts scored
     (reward_calls = k' per step), score calls (one per step, shared with the other prompts of a
     batched run) and the time split.
@@ -58,6 +67,7 @@ class ArgsResult:
     logits: torch.Tensor
     rewards: torch.Tensor
     chosen: torch.Tensor
+    kl_steps: torch.Tensor
     cost: CostMeter = field(default_factory=CostMeter)
 
     @property
@@ -69,13 +79,27 @@ class ArgsResult:
         return self.cost.reward_calls
 
     @property
+    def kl(self) -> float:
+        """The response's KL against the base model in nats: the sum of :attr:`kl_steps`."""
+        return float(self.kl_steps.sum())
+
+    @property
     def deviation_rate(self) -> float:
         """Share of steps where the reward changed the choice away from the top-logit token."""
         return float((self.chosen != 0).float().mean()) if self.chosen.numel() else 0.0
 
     def as_dict(self) -> dict:
         return {"response": self.text, "tokens": self.tokens.tolist(), "finished": self.finished,
-                "chosen": self.chosen.tolist(), "deviation_rate": self.deviation_rate, "cost": self.cost.as_dict()}
+                "chosen": self.chosen.tolist(), "deviation_rate": self.deviation_rate, "kl": self.kl,
+                "cost": self.cost.as_dict()}
+
+
+def _base_log_probs(sampler: PrelogitSampler, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens), shape (b, k) float64 on the CPU, under the base model's sampling distribution
+    p = ``sampler.next_token_probs(logits)``: truncated (temperature, top-k, top-p) in float32 exactly as
+    the sampler does, normalised in float64 (as :meth:`PrelogitSampler.token_kl`); -inf where the
+    truncation removed a token."""
+    return sampler.next_token_log_probs(logits).gather(1, tokens.to(logits.device)).cpu()
 
 
 def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequence[int] | torch.Tensor],
@@ -104,7 +128,8 @@ def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequenc
         raise ParameterError(f"give one generator per prompt: {len(prompts)} prompts, {len(generators)} generators")
     tokenizer = sampler.tokenizer
     P = len(prompts)
-    steps: list[dict[str, list]] = [{"cands": [], "logits": [], "rewards": [], "chosen": []} for _ in range(P)]
+    steps: list[dict[str, list]] = [{"cands": [], "logits": [], "rewards": [], "chosen": [], "kl": []}
+                                    for _ in range(P)]
     meters = [CostMeter() for _ in range(P)]
     reward_seconds = 0.0
 
@@ -123,18 +148,25 @@ def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequenc
         reward_seconds += seconds
         # float64: with a large w, float32 would round away the logit that breaks reward ties.
         score = top.values.cpu().double() + w * r.double()
+        logp = _base_log_probs(sampler, logits, top.indices)  # (b, kk) float64
         chosen = []
         for i, p in enumerate(rows.tolist()):
             if decode == "greedy":
                 j = int(torch.argmax(score[i]))  # first maximum: ties go to the higher logit
+                kl = -float(logp[i, j])  # q = the point mass on candidate j
             else:
                 j = int(torch.multinomial(torch.softmax(score[i] / temperature, dim=0), 1, generator=generators[p]))
+                logq = torch.log_softmax(score[i] / temperature, dim=0)
+                q = logq.exp()
+                # 0 log 0 = 0 where q underflows, whatever p is there; >= 0 up to rounding (p sums to <= 1 on them)
+                kl = max(float(torch.where(q > 0, q * (logq - logp[i]), torch.zeros_like(q)).sum()), 0.0)
             chosen.append(j)
             st = steps[p]
             st["cands"].append(top.indices[i].cpu())
             st["logits"].append(top.values[i].cpu())
             st["rewards"].append(r[i])
             st["chosen"].append(j)
+            st["kl"].append(kl)
             meters[p].add_scored(kk)
             meters[p].time_reward_s += seconds / len(rows)
         return top.indices[torch.arange(len(rows)), torch.tensor(chosen)]
@@ -152,7 +184,7 @@ def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequenc
         out.append(ArgsResult(text=g.texts[0], tokens=g.tokens[0, : g.lengths[0]].clone(), finished=bool(g.finished[0]),
                               candidates=torch.stack(st["cands"]), logits=torch.stack(st["logits"]),
                               rewards=torch.stack(st["rewards"]), chosen=torch.tensor(st["chosen"], dtype=torch.long),
-                              cost=m))
+                              kl_steps=torch.tensor(st["kl"], dtype=torch.float64), cost=m))
     return out
 
 

@@ -27,9 +27,11 @@ which is what :func:`fisher_vector_product` returns (at tau = 1, the paper's set
 the formula of the paper).
 
 Numerics. The sampler records z_t in float32 and applies u_t in float32; :func:`run_misvo_many`
-recomputes the steered logits in float64 from the recorded z_t and the float32-rounded u_t, so
-p_t matches the sampler's distribution up to the rounding of z_t (exact for a float32 or bfloat16
-model, whose z_t is representable in float32) and of the model's own logit computation.
+recomputes the steered logits from the recorded z_t and the float32-rounded u_t in float32 (float64
+for a float64 model), the precision the sampler drew from, so p_t matches the sampler's
+distribution up to the rounding of a differently shaped product. The control u is accumulated in
+float64. Cost per step and prompt: K + 3 LM-head products (K for the samples' logits, which serve
+the gradient and the KL alike; u's logits; the gradient's and the Fisher's projections back).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .aisp import _check_prompt_lists, _generate, _prefill, _score
+from .aisp import _check_prompt_lists, _generate, _prefill, _score, per_prompt_configs
 from .checks import ParameterError, check_choice, check_number
 from .metrics import CostMeter
 from .rewards import RewardModel
@@ -56,7 +58,8 @@ class MISVOConfig:
     Fisher penalty lam/2 sum_t u_t^T F_t u_t, in reward units (paper: 1; 0 = unregularised).
     K: responses per step (>= 2: the LOO baseline needs another sample). N: steps.
     fisher: ``"reference"`` (F_t of the reference policy, from the first step's rollouts) or
-    ``"identity"`` (F_t = I, an ablation).
+    ``"identity"`` (F_t = I, an ablation). final_rollout: also generate (and log, not select from)
+    one response from the final u, with its sequence-level KL terms against the base model.
 
     The iteration is stable for the penalty alone when eta * lam * ||F_t|| < 2 (and monotone when
     < 1); ||F_t|| <= ||W||_2^2 / (2 temperature^2).
@@ -67,6 +70,7 @@ class MISVOConfig:
     K: int = 8
     N: int = 4
     fisher: str = "reference"
+    final_rollout: bool = True
 
     def __post_init__(self) -> None:
         check_number("eta", self.eta, low=0, low_open=True)
@@ -115,6 +119,35 @@ def _fit_u(u: torch.Tensor, T: int) -> torch.Tensor:
     return torch.cat([u, u.new_zeros(T - u.shape[0], u.shape[1])])
 
 
+def _log_policies(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_u, log pi_ref), each (K, T, V), on the prefixes whose pre-logits Z (K, T, d) were recorded.
+
+    One LM-head product for the K samples (the unsteered logits) plus one for u: steering only adds
+    W u_t to the logits, so both policies come from the same pass.
+    """
+    K, T, d = Z.shape
+    base = _logits(W, b, Z.to(dtype=W.dtype, device=W.device))
+    steered = base + _logits(W, None, _fit_u(u.to(dtype=W.dtype, device=W.device), T))[None]
+    return torch.log_softmax(steered / temperature, dim=-1), torch.log_softmax(base / temperature, dim=-1)
+
+
+def _gradient(W: torch.Tensor, logp: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+              temperature: float, T_u: int) -> torch.Tensor:
+    """The LOO score-function gradient (T_u, d) from the steered log-probabilities logp (K, T, V)."""
+    K, T, _ = logp.shape
+    w = advantages.to(dtype=W.dtype, device=W.device)[:, None] * mask.to(W.dtype) / (K * temperature)  # (K, T)
+    coef = -(w[..., None] * logp.exp()).sum(0)  # (T, V): sum_i w_it (e_{y_t^i} - p_t^i), the e part below
+    coef.scatter_add_(1, tokens.to(W.device).clamp_min(0).T.contiguous(), w.T.contiguous())
+    return _fit_u(coef @ W, T_u)
+
+
+def _kl_terms(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum over real positions of KL(pi_u || pi_ref) at each position, (K,)."""
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # (K, T)
+    return (kl * mask.to(kl.dtype)).sum(-1)
+
+
 def score_gradient(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: torch.Tensor, tokens: torch.Tensor,
                    lengths: torch.Tensor, advantages: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """LOO score-function estimate of d E_{pi_u}[R] / d u, shape (T_u, d).
@@ -132,21 +165,74 @@ def score_gradient(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: 
         advantages: (K,), e.g. :func:`loo_advantages`.
     Returns:
         (T_u, d) in the dtype of W; rows t >= T are zero (no sample reached them).
-    Memory: one sample's (T, V) probabilities at a time.
+    Memory: the K samples' (T, V) probabilities at once.
     """
-    K, T, d = Z.shape
-    dtype, dev = W.dtype, W.device
-    uT = _fit_u(u.to(dtype=dtype, device=dev), T)
-    mask = _position_mask(lengths.to(dev), T)
-    A = advantages.to(dtype=dtype, device=dev)
-    coef = torch.zeros(T, W.shape[0], dtype=dtype, device=dev)  # sum_i A_i m_it (e_y - p) / (K tau)
-    for i in range(K):
-        p = torch.softmax(_logits(W, b, Z[i].to(dtype=dtype, device=dev) + uT) / temperature, dim=-1)  # (T, V)
-        e = torch.zeros_like(p).scatter_(1, tokens[i].to(dev).clamp_min(0)[:, None], 1.0)
-        w = (A[i] * mask[i].to(dtype))[:, None] / (K * temperature)
-        coef += w * (e - p)
-    g = coef @ W  # (T, d)
-    return _fit_u(g, u.shape[0])
+    logp, _ = _log_policies(W, b, Z, u, temperature)
+    return _gradient(W, logp, tokens, _position_mask(lengths.to(W.device), Z.shape[1]), advantages, temperature,
+                     u.shape[0])
+
+
+@dataclass
+class ReferenceFisher:
+    """The reference Fisher F_t = mean_r W^T (diag p_rt - p_rt p_rt^T) W / tau^2 in factored form.
+
+    Kept per position t: the mean p-bar_t of the valid reference rows' distributions (T, V) and each
+    row's mean embedding m_rt = W^T p_rt (R, T, d), so that
+    F_t u = (W^T (p-bar_t * W u) - mean_r m_rt (m_rt . u)) / tau^2 costs two LM-head products per step
+    and the d x d matrix is never formed. ``pooled_*``: the same over every valid reference position,
+    used where no reference row reached t. Memory: T V + R T d numbers per prompt.
+    """
+
+    pbar: torch.Tensor  # (T_ref, V)
+    M: torch.Tensor  # (R, T_ref, d)
+    mask: torch.Tensor  # (R, T_ref) bool
+    count: torch.Tensor  # (T_ref,)
+    pooled_pbar: torch.Tensor  # (V,)
+    temperature: float
+
+    def apply(self, W: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """F_t u_t for every t, (T_u, d) from u (T_u, d), in the dtype of W."""
+        T_ref = self.pbar.shape[0]
+        T_u = u.shape[0]
+        u = u.to(dtype=W.dtype, device=W.device)
+        n = min(T_u, T_ref)
+        fu = torch.zeros(T_u, W.shape[1], dtype=W.dtype, device=W.device)
+        Wu = _logits(W, None, u)  # (T_u, V)
+        m = self.mask.to(W.dtype)
+        reached = self.count[:n] > 0
+        if bool(reached.any()):
+            first = (self.pbar[:n] * Wu[:n]) @ W  # (n, d)
+            dots = (self.M[:, :n] * u[None, :n]).sum(-1) * m[:, :n]  # (R, n): m_rt . u_t on valid rows
+            second = (dots[..., None] * self.M[:, :n]).sum(0) / self.count[:n].clamp_min(1)[:, None]
+            fu[:n][reached] = (first - second)[reached]
+        need = torch.ones(T_u, dtype=torch.bool, device=W.device)
+        need[:n] = ~reached
+        if bool(need.any()):
+            total = self.count.sum()
+            Mv = self.M[self.mask]  # (n_valid, d)
+            first = (self.pooled_pbar[None] * Wu[need]) @ W
+            second = ((u[need] @ Mv.T) @ Mv) / total
+            fu[need] = first - second
+        return fu / self.temperature**2
+
+
+def reference_fisher(W: torch.Tensor, b: torch.Tensor | None, Z_ref: torch.Tensor, mask: torch.Tensor,
+                     temperature: float = 1.0) -> ReferenceFisher:
+    """The factored reference Fisher (:class:`ReferenceFisher`) of reference (u = 0) pre-logits
+    Z_ref (R, T_ref, d) at the positions where ``mask`` (R, T_ref) is True."""
+    R, T_ref, d = Z_ref.shape
+    if mask.shape != (R, T_ref):
+        raise ParameterError(f"mask must have shape (R, T_ref) = ({R}, {T_ref}), got {tuple(mask.shape)}")
+    mask = mask.to(W.device).bool()
+    count = mask.sum(0).to(W.dtype)
+    if float(count.sum()) == 0:
+        raise ParameterError("the reference rollouts have no valid position")
+    p = torch.softmax(_logits(W, b, Z_ref.to(dtype=W.dtype, device=W.device)) / temperature, dim=-1)  # (R, T, V)
+    p = p * mask.to(W.dtype)[..., None]
+    M = p @ W  # (R, T, d); zero at invalid positions
+    psum = p.sum(0)  # (T, V)
+    return ReferenceFisher(pbar=psum / count.clamp_min(1)[:, None], M=M, mask=mask, count=count,
+                           pooled_pbar=psum.sum(0) / count.sum(), temperature=temperature)
 
 
 def fisher_vector_product(W: torch.Tensor, b: torch.Tensor | None, Z_ref: torch.Tensor, mask: torch.Tensor,
@@ -162,43 +248,10 @@ def fisher_vector_product(W: torch.Tensor, b: torch.Tensor | None, Z_ref: torch.
         W: (V, d); b: (V,) or None. Z_ref: (R, T_ref, d) reference (unsteered, u = 0) pre-logits.
         mask: (R, T_ref) bool, True where the position was generated. u: (T_u, d).
     Returns:
-        (T_u, d) in the dtype of W. The d x d matrices are never formed.
+        (T_u, d) in the dtype of W. The d x d matrices are never formed
+        (:func:`reference_fisher` factors them once; the driver reuses the factors every step).
     """
-    R, T_ref, d = Z_ref.shape
-    dtype, dev = W.dtype, W.device
-    if mask.shape != (R, T_ref):
-        raise ParameterError(f"mask must have shape (R, T_ref) = ({R}, {T_ref}), got {tuple(mask.shape)}")
-    mask = mask.to(dev).bool()
-    count = mask.sum(0).to(dtype)  # (T_ref,)
-    if float(count.sum()) == 0:
-        raise ParameterError("the reference rollouts have no valid position")
-    T_u = u.shape[0]
-    u = u.to(dtype=dtype, device=dev)
-    Wu = _logits(W, None, _fit_u(u, T_ref))  # (T_ref, V): W u_t at the reference positions
-    out = torch.zeros(T_ref, d, dtype=dtype, device=dev)
-    # pooled Fisher applied to every u_t, for the positions no reference row reached
-    pooled_cov = torch.zeros(T_u, W.shape[0], dtype=dtype, device=dev)
-    Wu_all = _logits(W, None, u)  # (T_u, V)
-    for r in range(R):
-        m = mask[r].to(dtype)[:, None]
-        if not bool(mask[r].any()):
-            continue
-        p = torch.softmax(_logits(W, b, Z_ref[r].to(dtype=dtype, device=dev)) / temperature, dim=-1)  # (T_ref, V)
-        cov = p * Wu - p * (p * Wu).sum(-1, keepdim=True)  # (T_ref, V): (diag p - p p^T) W u_t
-        out += (m * cov) @ W
-        if T_u > T_ref or bool((count == 0).any()):
-            pv = p[mask[r]]  # (n_r, V)
-            # sum over this row's valid positions s of (diag p_s - p_s p_s^T) (W u_t), for every t
-            pooled_cov += Wu_all * pv.sum(0) - (Wu_all @ pv.T) @ pv
-    fu = torch.zeros(T_u, d, dtype=dtype, device=dev)
-    n = min(T_u, T_ref)
-    reached = count[:n] > 0
-    fu[:n][reached] = out[:n][reached] / count[:n][reached, None]
-    need = torch.ones(T_u, dtype=torch.bool, device=dev)
-    need[:n] = ~reached
-    if bool(need.any()):
-        fu[need] = (pooled_cov[need] @ W) / count.sum()
-    return fu / temperature**2
+    return reference_fisher(W, b, Z_ref, mask, temperature).apply(W, u)
 
 
 def sequence_kl(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor,
@@ -209,43 +262,16 @@ def sequence_kl(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: tor
     the exact token-level KL on sample i's own prefix, summed over its real positions. Both
     distributions come from the same z_t (steering only adds W u_t to the logits). The mean over
     i is an unbiased estimate of KL(pi_u || pi_ref) over whole responses; the caller averages (and
-    bootstraps). Z: (K, T, d); u: (T_u, d); lengths: (K,).
+    bootstraps). Z: (K, T, d); u: (T_u, d); lengths: (K,). The sampler records the same terms while
+    generating (``record_kl``, :attr:`prelogit.sampling.Generation.kl`).
     """
-    K, T, d = Z.shape
-    dtype, dev = W.dtype, W.device
-    uT = _fit_u(u.to(dtype=dtype, device=dev), T)
-    mask = _position_mask(lengths.to(dev), T)
-    out = torch.zeros(K, dtype=dtype, device=dev)
-    for i in range(K):
-        base = _logits(W, b, Z[i].to(dtype=dtype, device=dev))
-        logq = torch.log_softmax(base / temperature, dim=-1)
-        logp = torch.log_softmax((base + _logits(W, None, uT)) / temperature, dim=-1)
-        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # (T,)
-        out[i] = (kl * mask[i].to(dtype)).sum()
-    return out
+    logp, logq = _log_policies(W, b, Z, u, temperature)
+    return _kl_terms(logp, logq, _position_mask(lengths.to(W.device), Z.shape[1]))
 
 
 # ---- driver --------------------------------------------------------------------------------------------
 
-SHARED_FIELDS = ("K", "N")
-
-
-def _per_prompt_configs(cfg: MISVOConfig | Sequence[MISVOConfig], P: int) -> list[MISVOConfig]:
-    """One config per prompt; a list must share K and N (the prompts step in lockstep)."""
-    if isinstance(cfg, MISVOConfig):
-        return [cfg] * P
-    if isinstance(cfg, (str, bytes, dict)) or not isinstance(cfg, Sequence):
-        raise ParameterError(f"cfg must be a MISVOConfig or a list of them (one per prompt), got {type(cfg).__name__}")
-    cfgs = list(cfg)
-    if len(cfgs) != P:
-        raise ParameterError(f"give one config per prompt: {P} prompts, {len(cfgs)} configs")
-    for i, c in enumerate(cfgs):
-        if not isinstance(c, MISVOConfig):
-            raise ParameterError(f"cfg[{i}] must be a MISVOConfig, got {type(c).__name__}")
-    for field in SHARED_FIELDS:
-        if any(getattr(c, field) != getattr(cfgs[0], field) for c in cfgs):
-            raise ParameterError(f"all configs of one run_misvo_many call must share K and N ({field} differs)")
-    return cfgs
+SHARED_FIELDS = ("K", "N", "final_rollout")
 
 
 def check_sampler_for_misvo(sampler: PrelogitSampler, decode: str | None = None) -> None:
@@ -270,13 +296,13 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     u, shape (K, T, d) with T = ``sampler.max_new_tokens``; unsteered pre-logits recorded) and
     scores them in one reward call; the prefill is computed once. A prompt's token draws come
     from its own generator (:func:`prelogit.aisp.prompt_generator`) and nothing else is random, so
-    its record does not depend on the other prompts of the batch. The gradient algebra runs in
-    float64 on the LM head's device.
+    its record does not depend on the other prompts of the batch.
 
     Args:
         sampler: the sampler; decode must be ``sample`` with top_k = 0 and top_p = 1 (its temperature applies).
         reward: the reward model that is optimised. prompts: templated prompts; user_texts: the
-            raw user turns the reward sees. cfg: one :class:`MISVOConfig` or one per prompt (sharing K and N).
+            raw user turns the reward sees. cfg: one :class:`MISVOConfig` or one per prompt (sharing
+            K, N and final_rollout).
         generators: one RNG per prompt. decode: overrides the sampler's decode mode (must be ``sample``).
     Returns:
         Per prompt: ``method`` ("misvo"), ``config``, ``samples_used`` (K * N), ``best`` (reward,
@@ -284,24 +310,27 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         K rewards, responses and lengths, ``u_norm`` (||u|| of the control these samples were drawn
         with), ``grad_norm`` (||g||), ``u_norm_next`` (after the update), ``kl`` (the K per-sample
         Monte-Carlo terms of KL(pi_u || pi_ref) of this step's samples, see :func:`sequence_kl`;
-        0 at step 1), ``kl_mean`` and ``best_so_far``), and ``cost`` (as for AISP).
-        ``best_so_far`` after step k is the answer of MISVO with N = k.
+        0 at step 1), ``kl_mean`` and ``best_so_far``), ``final_rollout`` (None, or the response
+        generated from the final u, its reward and its ``kl`` term, recorded by the sampler), and
+        ``cost`` (as for AISP). ``best_so_far`` after step k is the answer of MISVO with N = k.
     Raises:
         ParameterError: greedy decoding, top-k or top-p on, or bad configs.
     """
     _check_prompt_lists(prompts, user_texts, generators)
     check_sampler_for_misvo(sampler, decode)
     P, d, T = len(prompts), sampler.d, sampler.max_new_tokens
-    cfgs = _per_prompt_configs(cfg, P)
-    K, N = cfgs[0].K, cfgs[0].N
+    cfgs = per_prompt_configs(cfg, P, MISVOConfig, SHARED_FIELDS, "run_misvo_many")
+    K, N, final_rollout = cfgs[0].K, cfgs[0].N, cfgs[0].final_rollout
     tau = sampler.temperature
     head = sampler.head
-    W = head.weight.detach().to(torch.float64)
-    b = None if getattr(head, "bias", None) is None else head.bias.detach().to(torch.float64)
+    # the precision the sampler drew in (float32 for float32/bf16/fp16 models), float64 for a float64 model
+    dtype = torch.float64 if head.weight.dtype == torch.float64 else torch.float32
+    W = head.weight.detach().to(dtype)
+    b = None if getattr(head, "bias", None) is None else head.bias.detach().to(dtype)
     meters = [CostMeter() for _ in range(P)]
     pre = _prefill(sampler, prompts, meters)
     U = [torch.zeros(T, d, dtype=torch.float64, device=W.device) for _ in range(P)]
-    ref: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * P
+    ref: list[ReferenceFisher | None] = [None] * P
     best = [{"reward": float("-inf"), "response": None, "step": None, "index": None} for _ in range(P)]
     iterations: list[list[dict]] = [[] for _ in range(P)]
     for k in range(1, N + 1):
@@ -312,19 +341,20 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         scores = _score(reward, user_texts, gens, meters)
         for p in range(P):
             c, g, r = cfgs[p], gens[p], scores[p]
-            u_used = applied[p].to(torch.float64)
             Z = g.prelogits  # (K, T_used, d), unsteered
-            if k == 1:
-                ref[p] = (Z, _position_mask(g.lengths, Z.shape[1]))
+            mask = _position_mask(g.lengths.to(W.device), Z.shape[1])
+            if k == 1 and c.lam > 0 and c.fisher == "reference":
+                ref[p] = reference_fisher(W, b, Z, mask, tau)
             i_best = int(torch.argmax(r))
             if float(r[i_best]) > best[p]["reward"]:
                 best[p] = {"reward": float(r[i_best]), "response": g.texts[i_best], "step": k, "index": i_best}
-            kl = sequence_kl(W, b, Z, u_used, g.lengths, tau)
-            A = loo_advantages(r)
-            grad = score_gradient(W, b, Z, u_used, g.tokens, g.lengths, A, tau)
+            logp, logq = _log_policies(W, b, Z, applied[p], tau)
+            kl = _kl_terms(logp, logq, mask)
+            grad = _gradient(W, logp, g.tokens, mask, loo_advantages(r), tau, T).to(torch.float64)
+            del logp, logq
             step = grad
             if c.lam > 0:
-                Fu = U[p] if c.fisher == "identity" else fisher_vector_product(W, b, ref[p][0], ref[p][1], U[p], tau)
+                Fu = U[p] if c.fisher == "identity" else ref[p].apply(W, U[p]).to(torch.float64)
                 step = grad - c.lam * Fu
             rec = {"k": k, "samples_so_far": K * k, "rewards": r.tolist(), "responses": g.texts,
                    "lengths": g.lengths.tolist(), "u_norm": float(U[p].norm()), "grad_norm": float(grad.norm()),
@@ -332,8 +362,15 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
             U[p] = U[p] + c.eta * step
             rec["u_norm_next"] = float(U[p].norm())
             iterations[p].append(rec)
+    finals = [None] * P
+    if final_rollout:
+        gens = _generate(sampler, pre, [1] * P, meters, controls=[u.float()[None].cpu() for u in U],
+                         generators=generators, decode="sample", record_kl=True)
+        scores = _score(reward, user_texts, gens, meters)
+        finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl": g.kl.tolist(), "u_norm": float(u.norm())}
+                  for g, s_, u in zip(gens, scores, U)]
     return [{"method": "misvo", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
-             "iterations": iterations[p], "cost": meters[p].as_dict()} for p in range(P)]
+             "iterations": iterations[p], "final_rollout": finals[p], "cost": meters[p].as_dict()} for p in range(P)]
 
 
 def run_misvo(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, cfg: MISVOConfig,

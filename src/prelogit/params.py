@@ -84,16 +84,29 @@ ARM_KEYS: dict[str, Check] = {"sigma_rms": POS, "lam": POS, "lam_mode": choice("
                               "decode": choice("sample", "greedy")}
 
 
-def arm(name: str, v: Any) -> None:
-    if not isinstance(v, dict):
-        raise ParameterError(f"{name} must be a mapping with keys {', '.join(ARM_KEYS)}, got {v!r}")
-    missing, unknown = sorted(set(ARM_KEYS) - set(v)), sorted(set(v) - set(ARM_KEYS))
-    if missing or unknown:
-        raise ParameterError(f"{name}: " + "; ".join(x for x in (
-            f"missing key(s) {', '.join(missing)}" if missing else "",
-            f"unknown key(s) {', '.join(unknown)}" if unknown else "") if x))
-    for key, check in ARM_KEYS.items():
-        check(f"{name}.{key}", v[key])
+def mapping_of(keys: dict[str, Check], extra: tuple[str, ...] = ()) -> Check:
+    """A check of a mapping with exactly ``keys`` (each checked) plus, optionally, the ``extra`` keys."""
+    def check(name: str, v: Any) -> None:
+        if not isinstance(v, dict):
+            raise ParameterError(f"{name} must be a mapping with keys {', '.join(keys)}, got {v!r}")
+        missing, unknown = sorted(set(keys) - set(v)), sorted(set(v) - set(keys) - set(extra))
+        if missing or unknown:
+            raise ParameterError(f"{name}: " + "; ".join(x for x in (
+                f"missing key(s) {', '.join(missing)}" if missing else "",
+                f"unknown key(s) {', '.join(unknown)}" if unknown else "") if x))
+        for key, check_key in keys.items():
+            check_key(f"{name}.{key}", v[key])
+    return check
+
+
+#: An AISP arm as params.yaml gives it (tune.center).
+arm = mapping_of(ARM_KEYS)
+
+#: Keys of one MISVO arm of the misvo stage's search (see :mod:`prelogit.misvo`) and their checks.
+MISVO_ARM_KEYS: dict[str, Check] = {"eta": num(0, low_open=True), "lam": num(0), "K": integer(2),
+                                    "fisher": choice("reference", "identity")}
+misvo_arm = mapping_of(MISVO_ARM_KEYS)
+
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": check_device,
@@ -116,6 +129,10 @@ SCHEMA: dict[str, dict[str, Check]] = {
              "large_N": integer(1), "final_rollout": boolean, "lit_prompts": integer(0), "lit_sigma": POS,
              "lit_alpha": UNIT, "lit_lams": list_of(POS, 0), "lit_n": integer(1), "lit_tau": tau_value,
              "variance_prompts": integer(0), "variance_V": integer(2), "variance_reps": integer(2)},
+    "misvo": {"seed": SEED, "val_prompts": integer(1), "N": integer(2), "center": misvo_arm,
+              "eta": list_of(num(0, low_open=True), 0), "lam": list_of(num(0), 0), "K": list_of(integer(2), 0),
+              "fisher": list_of(choice("reference", "identity"), 0), "rungs": list_of(integer(1)),
+              "halving": integer(2), "n_prompts": integer(1), "final_rollout": boolean},
     "theory": {"seed": SEED, "false_alarm": num(0, 1, low_open=True, high_open=True), "sigma": POS, "lam": POS,
                "kappa": POS, "offset": num(0), "quad_curvatures": list_of(num(0)), "dims": list_of(integer(1)),
                "n_grid": list_of(integer(2), 2), "n_seeds": integer(2), "iter_dim": integer(1), "iter_n": integer(2),
@@ -146,6 +163,10 @@ STAGES: dict[str, dict[str, Any]] = {
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                        "reward_head_path": "results/prepare/reward_head.safetensors",
                        "tuned_path": "results/tune/selected.json"}},
+    "misvo": {"sections": ["misvo", "model", "generation", "reward"],
+              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                        "reward_head_path": "results/prepare/reward_head.safetensors",
+                        "val_bon_path": "results/tune/bon.jsonl"}},
     "theory": {"sections": ["theory", "model"], "paths": {"prompts_path": "results/prepare/prompts.jsonl"}},
     "args": {"sections": ["args", "model", "generation", "reward"],
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
@@ -155,7 +176,7 @@ STAGES: dict[str, dict[str, Any]] = {
                             "reward_head_path": "results/prepare/reward_head.safetensors"}},
     "figures": {"sections": ["figures"],
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
-                          "tune_dir": "results/tune",
+                          "tune_dir": "results/tune", "misvo_dir": "results/misvo",
                           "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol"}},
 }
 
@@ -224,6 +245,14 @@ def _cross_checks(section: str, v: dict) -> None:
         for key, n in [("tune.center.n", v["center"]["n"])] + [(f"tune.n[{i}]", x) for i, x in enumerate(v["n"])]:
             if v["N"] % n:
                 raise ParameterError(f"{key} = {n} does not divide tune.N = {v['N']}; the budget is n x K")
+    if section == "misvo":
+        rungs = v["rungs"]
+        if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[-1] > v["val_prompts"]:
+            raise ParameterError(f"misvo.rungs = {rungs} must increase strictly and end at most at misvo.val_prompts = "
+                                 f"{v['val_prompts']} (they are cumulative prompt counts)")
+        for key, K in [("misvo.center.K", v["center"]["K"])] + [(f"misvo.K[{i}]", x) for i, x in enumerate(v["K"])]:
+            if v["N"] % K:
+                raise ParameterError(f"{key} = {K} does not divide misvo.N = {v['N']}; the budget is K x steps")
     if section == "prepare" and v["source"] != "chitchat" and not v["source_path"]:
         raise ParameterError(f"prepare.source_path must name the {v['source']} data file or hub id")
     if section == "reward" and v["kind"] == "hf" and not v["name"]:
@@ -251,6 +280,7 @@ PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
     "bon": [("bon.n_prompts", "test")],
     "tune": [("tune.n_prompts", "val")],
     "aisp": [("aisp.n_prompts", "test")],
+    "misvo": [("misvo.val_prompts", "val"), ("misvo.n_prompts", "test")],
     "args": [("args.n_prompts", "test")],
     "recontrol": [("recontrol.n_prompts", "test"), ("recontrol.train_prompts", "train")],
     "theory": [("theory.gauss_prompts", "theory.gauss_split")],
@@ -287,6 +317,20 @@ def check_across_sections(stage: str, params: dict) -> None:
                 raise ParameterError(f"{key} = {tau} exceeds generation.max_new_tokens = {limit}: AISP controls "
                                      f"only generated tokens; lower {key} to at most {limit} "
                                      "(tau = max_new_tokens controls every generated token)")
+    if stage == "misvo":
+        gen, tune = params["generation"], params.get("tune")
+        if gen["top_k"] != 0 or gen["top_p"] < 1:
+            raise ParameterError(f"MISVO's score function needs untruncated sampling: generation.top_k = {gen['top_k']} "
+                                 f"and generation.top_p = {gen['top_p']}; set top_k: 0 and top_p: 1.0")
+        # The search scores MISVO against the tune stage's best-of-N draws on the same validation prompts
+        # (checked here when params.yaml is at hand; the notebook checks the draws themselves).
+        if isinstance(tune, dict):
+            validate_section(params, "tune")
+            if params["misvo"]["val_prompts"] > tune["n_prompts"] or params["misvo"]["N"] > tune["N"]:
+                raise ParameterError(f"misvo.val_prompts = {params['misvo']['val_prompts']} and misvo.N = "
+                                     f"{params['misvo']['N']} must not exceed tune.n_prompts = {tune['n_prompts']} and "
+                                     f"tune.N = {tune['N']}: the search is scored against the tune stage's best-of-N "
+                                     "draws (results/tune/bon.jsonl)")
     if stage == "prepare":
         made = {split: params["prepare"][f"n_{split}"] for split in ("train", "val", "test")}
         for later in PROMPT_COUNTS:

@@ -285,7 +285,13 @@ def recontrol_generate_many(sampler: PrelogitSampler, prompts: Sequence, value_f
     Returns:
         One :class:`Generation` per prompt; its ``meta`` holds ``value_grad_steps`` (total gradient
         evaluations of V for that prompt), and ``value_before`` / ``value_after`` (per generated
-        token, V at the original and at the moved pre-logit).
+        token, V at the original and at the moved pre-logit). Its ``kl`` (1,) float64 is the KL of
+        the response against the base model in nats (the sampler's ``record_kl``): decoding is
+        greedy, so RE-Control's policy is the point mass on its response y, and since the ascent
+        only changes which token is chosen, never the KV cache, the KL is exactly
+        -log pi_ref(y | x) = -sum_t log p_t(y_t), p_t the base model's sampling distribution
+        (``sampler.next_token_probs``, at the sampler's temperature, top-k and top-p) at the
+        unmoved pre-logit; +inf if a chosen token lies outside p_t's top-k or top-p.
     """
     check_number("step_size", step_size, low=0)
     check_number("n_steps", n_steps, low=0, integer=True)
@@ -304,7 +310,7 @@ def recontrol_generate_many(sampler: PrelogitSampler, prompts: Sequence, value_f
         return moved
 
     gens = sampler.generate_many(list(prompts), [1] * len(prompts), prelogit_fn=fn, decode="greedy",
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, record_kl=True)
     for g, b, a in zip(gens, before, after):
         g.meta.update({"value_grad_steps": n_steps * len(b), "value_before": b, "value_after": a,
                        "step_size": step_size, "n_steps": n_steps})

@@ -60,6 +60,11 @@ class Generation:
     forward_calls: LM forward passes this prompt's rows took part in (its prefill counts once,
         and not at all when the call reused an existing :class:`Prefill`).
     prelogits: (n, T, d) unperturbed pre-logits z_t (float32), only if recorded.
+    kl: (n,) float64, only if recorded: per sample, the sum over its generated tokens (EOS
+        included) of the exact token-level KL(q_t || p_t) between the distribution q_t the token
+        was drawn from and the unsteered model's sampling distribution p_t on the same prefix
+        (:meth:`PrelogitSampler.token_kl`). Its mean over samples is the Monte-Carlo estimate of
+        the sequence-level KL(pi || pi_ref) of the steered policy against the base model.
     """
 
     tokens: torch.Tensor
@@ -68,6 +73,7 @@ class Generation:
     texts: list[str]
     forward_calls: int
     prelogits: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -280,9 +286,8 @@ class PrelogitSampler:
         return Prefill(ids=ids, mask=mask, lengths=mask.sum(-1), z=torch.cat(zs), kv=kv)
 
     # ---- decoding ------------------------------------------------------------------------------
-    def next_token_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Sampling distribution (b, V) from logits (b, V): temperature, top-k, top-p in transformers' order."""
-        logits = logits.float()
+    def _truncate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (b, V) after temperature, top-k and top-p (dropped tokens at -inf), in transformers' order."""
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if 0 < self.top_k < logits.shape[-1]:
@@ -295,7 +300,33 @@ class PrelogitSampler:
             drop_sorted[..., -1:] = False
             drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        return logits
+
+    def next_token_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sampling distribution (b, V) from logits (b, V): temperature, top-k, top-p in transformers' order."""
+        return torch.softmax(self._truncate(logits.float()), dim=-1)
+
+    def next_token_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log of :meth:`next_token_probs`, shape (b, V) float64: truncated in float32 exactly as the
+        sampler does (so the support is the sampler's), normalised in float64; -inf off the support."""
+        return torch.log_softmax(self._truncate(logits.float()).double(), dim=-1)
+
+    def token_kl(self, steered: torch.Tensor, base: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """Token-level KL(q || p), shape (b,) float64, of the steered next-token distribution q against the
+        unsteered sampling distribution p = softmax(truncate(base)).
+
+        With ``chosen`` (b,) the steered policy is deterministic (greedy decoding): q is the point mass
+        on the chosen token and the KL is -log p(chosen). Otherwise q = softmax(truncate(steered)),
+        the distribution ``sample`` decoding draws from (both from :meth:`next_token_log_probs`). It is
+        +inf where q puts mass on a token that top-k or top-p removed from p.
+        """
+        logp = self.next_token_log_probs(base)
+        if chosen is not None:
+            return -logp.gather(1, chosen.view(-1, 1).to(logp.device)).squeeze(1)
+        logq = self.next_token_log_probs(steered)
+        q = logq.exp()
+        # 0 * log 0 = 0 where q has no mass (top-k/top-p), whatever p is there
+        return torch.where(q > 0, q * (logq - logp), torch.zeros_like(q)).sum(-1).clamp_min(0)
 
     def _choose(self, logits: torch.Tensor, decode: str, u: torch.Tensor | None) -> torch.Tensor:
         """Next token per row from logits (b, V): argmax, or the inverse-CDF draw of the uniforms u (b,)."""
@@ -306,7 +337,7 @@ class PrelogitSampler:
     def generate(self, prompt: str | Sequence[int] | torch.Tensor | Prefill, n: int,
                  control: torch.Tensor | None = None, prelogit_fn: PrelogitFn | None = None,
                  generator: torch.Generator | None = None, max_new_tokens: int | None = None,
-                 decode: str | None = None, record_prelogits: bool = False) -> Generation:
+                 decode: str | None = None, record_prelogits: bool = False, record_kl: bool = False) -> Generation:
         """Generate n continuations of one prompt: :meth:`generate_many` with a single prompt.
 
         Args:
@@ -317,17 +348,18 @@ class PrelogitSampler:
             prelogit_fn: a general transform instead of ``control`` (used by RE-Control).
             generator: torch RNG for token sampling (determinism per seed).
             record_prelogits: keep the unperturbed pre-logits z_t of every generated token.
+            record_kl: record each sample's sequence-level KL terms against the unsteered model.
         """
         prompts = prompt if isinstance(prompt, Prefill) else [prompt]
         return self.generate_many(prompts, [n], controls=None if control is None else [control],
                                   prelogit_fn=prelogit_fn, generators=[generator], max_new_tokens=max_new_tokens,
-                                  decode=decode, record_prelogits=record_prelogits)[0]
+                                  decode=decode, record_prelogits=record_prelogits, record_kl=record_kl)[0]
 
     def generate_many(self, prompts: Sequence[str | Sequence[int] | torch.Tensor] | Prefill, counts: Sequence[int],
                       controls: Sequence[torch.Tensor | None] | None = None, prelogit_fn: PrelogitFn | None = None,
                       generators: Sequence[torch.Generator | None] | None = None, max_new_tokens: int | None = None,
                       decode: str | None = None, record_prelogits: bool = False,
-                      chooser: Chooser | None = None) -> list[Generation]:
+                      chooser: Chooser | None = None, record_kl: bool = False) -> list[Generation]:
         """Generate ``counts[i]`` continuations of each prompt i, all prompts in one batched run.
 
         Args:
@@ -342,6 +374,9 @@ class PrelogitSampler:
             max_new_tokens, decode: override the sampler's.
             record_prelogits: keep the unperturbed pre-logits z_t of every generated token.
             chooser: a token rule replacing ``decode`` (see :data:`Chooser`); it draws no uniforms.
+            record_kl: record :attr:`Generation.kl`, each sample's summed token-level KL against the
+                unsteered model (one extra LM-head product per token when a control is on). Not with
+                a ``chooser``, whose distribution only the chooser knows (ARGS records its own).
         Returns:
             One :class:`Generation` per prompt, in order.
         """
@@ -360,6 +395,9 @@ class PrelogitSampler:
             raise ParameterError(f"give one generator per prompt: {len(counts)} prompts, {len(generators)} generators")
         if controls is not None and prelogit_fn is not None:
             raise ParameterError("give either control or prelogit_fn, not both")
+        if record_kl and chooser is not None:
+            raise ParameterError("record_kl cannot be used with a chooser: the sampler does not know the chooser's "
+                                 "distribution; record the KL inside the chooser instead")
         fn = prelogit_fn
         if controls is not None:
             control = self._stack_controls(controls, counts)
@@ -376,13 +414,14 @@ class PrelogitSampler:
         lengths = torch.zeros(R, dtype=torch.long)
         finished = torch.zeros(R, dtype=torch.bool)
         prelogits = torch.zeros(R, T, self.d, dtype=torch.float32) if record_prelogits else None
+        kl = torch.zeros(R, dtype=torch.float64) if record_kl else None
         calls = torch.zeros(B, dtype=torch.long) if reuse else torch.ones(B, dtype=torch.long)
         hook = _HeadHook(self.head)
         try:
             for s in range(0, R, self.max_rows):
                 rows = torch.arange(s, min(s + self.max_rows, R))
                 self._decode_rows(pre, rows, prompt_of_row, fn, decode, u, T, hook, tokens, lengths, finished,
-                                  prelogits, calls, chooser)
+                                  prelogits, calls, chooser, kl)
         finally:
             hook.remove()
         out, start = [], 0
@@ -394,7 +433,8 @@ class PrelogitSampler:
                      for r in range(sl.start, sl.stop)]
             out.append(Generation(tokens=tokens[sl, :T_used].clone(), lengths=lengths[sl].clone(),
                                   finished=finished[sl].clone(), texts=texts, forward_calls=int(calls[i]),
-                                  prelogits=None if prelogits is None else prelogits[sl, :T_used].clone()))
+                                  prelogits=None if prelogits is None else prelogits[sl, :T_used].clone(),
+                                  kl=None if kl is None else kl[sl].clone()))
         return out
 
     def _stack_controls(self, controls: Sequence[torch.Tensor | None], counts: list[int]) -> torch.Tensor | None:
@@ -420,7 +460,7 @@ class PrelogitSampler:
     def _decode_rows(self, pre: Prefill, rows: torch.Tensor, prompt_of_row: torch.Tensor, fn: PrelogitFn | None,
                      decode: str, u: torch.Tensor | None, T: int, hook: _HeadHook, tokens: torch.Tensor,
                      lengths: torch.Tensor, finished: torch.Tensor, prelogits: torch.Tensor | None,
-                     calls: torch.Tensor, chooser: Chooser | None = None) -> None:
+                     calls: torch.Tensor, chooser: Chooser | None = None, kl: torch.Tensor | None = None) -> None:
         """Decode one micro-batch of rows to EOS or T tokens, writing into the call's output tensors."""
         src = prompt_of_row[rows].to(self.device)
         P = pre.mask.shape[1]
@@ -446,12 +486,17 @@ class PrelogitSampler:
                                     logits_to_keep=1).logits[:, -1]
                 calls[torch.unique(prompt_of_row[active])] += 1
             hook.fn = None
+            z = hook.last
             if prelogits is not None:
-                prelogits[active, t] = hook.last.float().cpu()
+                prelogits[active, t] = z.float().cpu()
             if chooser is not None:
                 nxt = chooser(logits, t, active, tokens[active, :t]).to(logits.device)
             else:
                 nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
+            if kl is not None:
+                # The unsteered logits on the same prefix: the head on the recorded z (hook.fn is off now).
+                base = logits if fn is None else self.head(z.unsqueeze(1))[:, -1]
+                kl[active] += self.token_kl(logits, base, nxt if decode == "greedy" else None).cpu()
             tokens[active, t] = nxt.cpu()
             lengths[active] += 1
             done = torch.isin(nxt, self.eos_ids).cpu()

@@ -39,8 +39,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .aisp import AISPConfig, prompt_generator, run_aisp_many
+from .misvo import MISVOConfig, run_misvo_many
 from .checks import ParameterError, check_number
-from .params import ARM_KEYS
+from .params import ARM_KEYS, mapping_of
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 
@@ -57,18 +58,12 @@ SWEEPS: dict[str, tuple[str, str | None]] = {
 MODE_OF = {"lam": "lam_mode", "alpha": "alpha_mode"}
 
 
+#: Every factor present and valid (an optional ``label`` aside), else a ParameterError naming the key.
+_arm_check = mapping_of(ARM_KEYS, extra=("label",))
+
+
 def _check_arm(arm: dict, name: str) -> None:
-    """Every factor present (label aside) and valid, else a ParameterError naming ``name.key``."""
-    if not isinstance(arm, dict):
-        raise ParameterError(f"{name} must be a mapping with keys {', '.join(ARM_KEYS)}, got {arm!r}")
-    keys = set(arm) - {"label"}
-    missing, unknown = sorted(set(ARM_KEYS) - keys), sorted(keys - set(ARM_KEYS))
-    if missing or unknown:
-        raise ParameterError(f"{name}: " + "; ".join(x for x in (
-            f"missing key(s) {', '.join(missing)}" if missing else "",
-            f"unknown key(s) {', '.join(unknown)}" if unknown else "") if x))
-    for key, check in ARM_KEYS.items():
-        check(f"{name}.{key}", arm[key])
+    _arm_check(name, arm)
 
 
 def _factors(arm: dict) -> tuple:
@@ -278,21 +273,62 @@ def claim_arms(arms: list[dict]) -> list[int]:
     return sorted(out)
 
 
-def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig, str]],
+def one_factor_arms(center: dict, sweeps: dict[str, list]) -> list[dict]:
+    """The center and its one-factor-at-a-time variations, for a search without modes (MISVO's).
+
+    Args:
+        center: the factors of the center arm (any ``label`` in it is replaced by ``"center"``).
+        sweeps: per factor of the center, the values to try instead (each gives one arm,
+            labelled ``factor=value``), in the order given.
+    Returns:
+        Arms (dicts with ``label`` and the factors), the center first, without duplicates (same
+        factors, labels aside; the first is kept).
+    Raises:
+        ParameterError: a sweep key that is not a factor of the center, or a sweep that is not a list.
+    """
+    if not isinstance(center, dict) or not isinstance(sweeps, dict):
+        raise ParameterError("center and sweeps must be mappings")
+    factors = [k for k in center if k != "label"]
+    arms = [{"label": "center", **{f: center[f] for f in factors}}]
+    for key, values in sweeps.items():
+        if key not in factors:
+            raise ParameterError(f"unknown sweep key {key!r}; allowed: {', '.join(factors)}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ParameterError(f"sweep {key} must be a list of values, got {values!r}")
+        arms += [dict(arms[0], **{key: v}, label=f"{key}={v}") for v in values]
+    out, seen = [], set()
+    for arm in arms:
+        key = tuple(arm[f] for f in factors)
+        if key not in seen:
+            seen.add(key)
+            out.append(arm)
+    return out
+
+
+def _lockstep_key(cfg: AISPConfig | MISVOConfig, decode: str | None) -> tuple:
+    """The fields one lockstep call must share (with the decode mode), method name first."""
+    if isinstance(cfg, AISPConfig):
+        return ("aisp", cfg.n, cfg.K, cfg.B, cfg.final_rollout, str(decode))
+    return ("misvo", cfg.K, cfg.N, cfg.final_rollout, str(decode))
+
+
+def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig | MISVOConfig, str | None]],
              prompt_rows: list[dict], pairs: list[tuple[int, str]], seed: int,
              max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
-    """AISP for every (config index, prompt id) pair, batched across arms and prompts.
+    """AISP (or MISVO) for every (config index, prompt id) pair, batched across arms and prompts.
 
-    Pairs are grouped by (n, K, B, final_rollout, decode), the fields one lockstep call must share;
-    each group is one :func:`~prelogit.aisp.run_aisp_many` call (or several of at most
-    ``max_prompts`` pairs each) with per-prompt configs, a prompt repeated once per arm. Groups run
-    in sorted order of that key, pairs in the order given. Every pair's generator is
-    ``prompt_generator(seed, prompt_id)``: the arms see the same random numbers on the same prompt
-    (common random numbers), and a pair's record does not depend on its group or batch.
+    Pairs are grouped by the fields one lockstep call must share (AISP: n, K, B, final_rollout and
+    decode; MISVO: K, N, final_rollout and decode); each group is one
+    :func:`~prelogit.aisp.run_aisp_many` (or :func:`~prelogit.misvo.run_misvo_many`) call, or
+    several of at most ``max_prompts`` pairs each, with per-prompt configs, a prompt repeated once
+    per arm. Groups run in sorted order of that key, pairs in the order given. Every pair's
+    generator is ``prompt_generator(seed, prompt_id)``: the arms see the same random numbers on
+    the same prompt (common random numbers), and a pair's record does not depend on its group or batch.
 
     Args:
         sampler, reward: as for :func:`~prelogit.aisp.run_aisp_many`.
-        configs: (config, decode) per arm, e.g. ``(arm_config(arm, ...), arm["decode"])``.
+        configs: (config, decode) per arm, e.g. ``(arm_config(arm, ...), arm["decode"])``; AISP and
+            MISVO configs may be mixed.
         prompt_rows: dicts with ``id`` (distinct), ``prompt`` (templated, for the LM) and ``text``
             (the user turn the reward sees).
         pairs: the (config index, prompt id) pairs to run; repeats are run once.
@@ -300,7 +336,8 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
         max_prompts: at most this many pairs per sampler call (None: a whole group at once),
             to bound the prefill's memory; the records do not depend on it.
     Returns:
-        ``{(config index, prompt id): record}``, each record as :func:`~prelogit.aisp.run_aisp` returns.
+        ``{(config index, prompt id): record}``, each record as :func:`~prelogit.aisp.run_aisp`
+        (or :func:`~prelogit.misvo.run_misvo`) returns.
     """
     check_number("seed", seed, integer=True)
     if max_prompts is not None:
@@ -320,17 +357,18 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
         if pid not in rows:
             raise ParameterError(f"pair {pair}: prompt id {pid!r} is not in prompt_rows")
         cfg, decode = configs[i]
-        if not isinstance(cfg, AISPConfig):
-            raise ParameterError(f"configs[{i}] must be (AISPConfig, decode), got {configs[i]!r}")
-        groups.setdefault((cfg.n, cfg.K, cfg.B, cfg.final_rollout, decode), []).append(pair)
+        if not isinstance(cfg, (AISPConfig, MISVOConfig)):
+            raise ParameterError(f"configs[{i}] must be (AISPConfig or MISVOConfig, decode), got {configs[i]!r}")
+        groups.setdefault(_lockstep_key(cfg, decode), []).append(pair)
     out: dict[tuple[int, str], dict] = {}
-    for key in sorted(groups, key=lambda k: (k[:4], str(k[4]))):
+    for key in sorted(groups):
         members = groups[key]
+        run = run_aisp_many if key[0] == "aisp" else run_misvo_many
+        decode = None if key[-1] == "None" else key[-1]
         step = max_prompts or len(members)
         for start in range(0, len(members), step):
             chunk = members[start:start + step]
-            recs = run_aisp_many(sampler, reward, [rows[p]["prompt"] for _, p in chunk],
-                                 [rows[p]["text"] for _, p in chunk], [configs[i][0] for i, _ in chunk],
-                                 [prompt_generator(seed, p) for _, p in chunk], decode=key[4])
+            recs = run(sampler, reward, [rows[p]["prompt"] for _, p in chunk], [rows[p]["text"] for _, p in chunk],
+                       [configs[i][0] for i, _ in chunk], [prompt_generator(seed, p) for _, p in chunk], decode=decode)
             out.update(zip(chunk, recs))
     return out
