@@ -79,12 +79,27 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"({tune['selected_arm']['sigma_rms']} x the pre-logit RMS {tune['rms']:.2f}), lambda = {cfg['lam']} "
                  f"({cfg['lam_mode']}), alpha = {cfg['alpha']} ({cfg['alpha_mode']}), tau = {cfg['tau']}, "
                  f"n = {cfg['n']} per iteration, decoding given V: {fig['aisp_decode']}.")
+    ms = fig.get("misvo")
+    if ms:
+        mc, mv = ms["config"], ms["val_minus_bon"]
+        lines.append("")
+        lines.append(f"MISVO (Entesari et al. 2026) runs beside it on the first {ms['n_prompts']} test prompts at the same "
+                     f"budget: successive halving over {ms['n_arms']} arms ({ms['evaluations']} arm-prompt runs) on "
+                     f"{ms['val_prompts']} validation prompts selected `{ms['selected']}`, i.e. eta = {mc['eta']}, "
+                     f"lambda = {mc['lam']}, K = {mc['K']} samples per step for {mc['N']} steps, Fisher: {mc['fisher']} "
+                     f"(validation: MISVO - best-of-{mc['K'] * mc['N']} {_fmt(mv['mean'])} [{_fmt(mv['lo'])}, {_fmt(mv['hi'])}]).")
     head = next(c for c in fig["claims"] if c["claim"] == "AISP > best-of-N at equal N")
     main = next(v for v in fig["verdict"] if v["comparison"] == "AISP (tuned) - best-of-N" and v["N"] == fig["verdict_N"])
     lines += ["", f"**In one line:** at N = {main['N']} on {main['n_prompts']} test prompts, AISP minus best-of-N is "
               f"{_fmt(main['mean'])} [{_fmt(main['lo'])}, {_fmt(main['hi'])}] ({main['decision']}), so the paper's claim "
               f"that AISP beats best-of-N at equal N is **{head['verdict']}** on the embedded default. The evidence for "
               "why is below the tables and in `notebooks/figures.ipynb`."]
+    vm = next((v for v in fig["verdict"] if v["comparison"] == "MISVO - best-of-N" and v["N"] == main["N"]), None)
+    am = next((v for v in fig["verdict"] if v["comparison"] == "AISP (tuned) - MISVO"), None)
+    if vm and am:
+        lines[-1] += (f" MISVO minus best-of-N at the same N: {_fmt(vm['mean'])} [{_fmt(vm['lo'])}, {_fmt(vm['hi'])}] "
+                      f"({vm['decision']}); AISP minus MISVO at N = {am['N']}: {_fmt(am['mean'])} [{_fmt(am['lo'])}, "
+                      f"{_fmt(am['hi'])}] ({am['decision']}).")
     lines += ["", f"**Verdict** (paired bootstrap over prompts, {fig['ci_level']:.0%} intervals; the rule is stated in "
               "`notebooks/figures.ipynb`):", ""]
     lines += (figs / "verdict.md").read_text().rstrip("\n").splitlines()
@@ -92,6 +107,12 @@ def render_readme_block(results: str | Path = "results") -> str:
     lines += (figs / "claims.md").read_text().rstrip("\n").splitlines()
     lines += ["", "**Results table:**", ""]
     lines += (figs / "table.md").read_text().rstrip("\n").splitlines()
+    kl_md = figs / "kl.md"
+    if kl_md.exists():
+        lines += ["", "**One KL for every method** (sequence-level KL(pi || pi_ref) to the base model of the policy that "
+                  "produced the responses, beside best-of-N's analytic bound; how each is estimated is in "
+                  "`notebooks/figures.ipynb`):", ""]
+        lines += kl_md.read_text().rstrip("\n").splitlines()
     why = fig["why"]
     lines.append("")
     lines.append(f"- Base model: mean reward {_fmt(fig['base_reward_mean'])}, within-prompt std {fig['base_reward_std']:.2f}.")
@@ -102,6 +123,12 @@ def render_readme_block(results: str | Path = "results") -> str:
     if why.get("final_rollout_reward") is not None:
         lines.append(f"- A response generated from AISP's final mean U scores {_fmt(why['final_rollout_reward'])} on "
                      f"average, an unsteered base-model sample {_fmt(why['base_reward_mean'])}.")
+    seq = why.get("sequence_kl") or {}
+    if seq.get("aisp") and seq.get("misvo"):
+        a, m = seq["aisp"], seq["misvo"]
+        lines.append(f"- The policy steered by AISP's final mean U is {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] nats "
+                     f"from the base model (sequence level), MISVO's final u {m['mean']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}] "
+                     f"nats; a response from MISVO's final u scores {_fmt(why['misvo_final_rollout_reward']['mean'])}.")
     th = fig["theory"]
     lines.append(f"- Theory: {th['n_checks'] - th['n_failed']} of {th['n_checks']} closed-form checks pass. Pre-logits: "
                  f"{th['gauss_share_pass']:.0%} of dimensions pass a per-dimension normality test at level {th['gauss_level']} "
