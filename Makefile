@@ -36,10 +36,16 @@ readme: setup
 clean-smoke:
 	rm -rf results/_smoke
 
+# Extra options of python -m prelogit.paper for `make paper` and `make gpu`, e.g.
+#   make paper PAPER_ARGS="--num_processes 2"     each generating stage as 2 processes, one per GPU
+#   make paper PAPER_ARGS="--num_processes 2 --config_file default"   with accelerate's own configuration
+#   make paper PAPER_ARGS="--check-only"          only the preflight checks
+PAPER_ARGS ?=
+
 # The paper's scale (needs a CUDA GPU and hub access; checks both first, see params-paper.yaml).
 paper: setup
-	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m prelogit.paper
+	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(BIN)/python -m prelogit.paper $(PAPER_ARGS)
 
 # The embedded default with every test prompt to N = 256 (needs a CUDA GPU; see params-gpu.yaml).
 gpu: setup
-	$(BIN)/python -m prelogit.paper --params params-gpu.yaml --name embedded-gpu --no-hub-check
+	$(BIN)/python -m prelogit.paper --params params-gpu.yaml --name embedded-gpu --no-hub-check $(PAPER_ARGS)

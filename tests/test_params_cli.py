@@ -76,6 +76,7 @@ def no_prompts_file(p, d):
 
 
 HF = put("reward.kind", "hf")
+ACCELERATE = both(put("launch.launcher", "accelerate"), put("launch.num_processes", 2))
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 
 CASES = [
@@ -181,9 +182,27 @@ CASES = [
     ("recontrol", both(HF, folder("reward.name")), "has no config.json; point reward.name at"),
     ("aisp", both(HF, put("reward.name", "no-such-org/no-such-rm")), "reward.name = 'no-such-org/no-such-rm' is a "
                                                                      "hub id, but offline mode is on"),
+    # how a generating stage is launched (prelogit.launch)
+    ("bon", drop("launch"), "params.yaml has no section 'launch'"),
+    ("tune", put("launch.launcher", "torchrun"), "launch.launcher must be one of 'python', 'accelerate', got 'torchrun'"),
+    ("aisp", put("launch.num_processes", 2), "launch.num_processes = 2 needs launch.launcher: accelerate"),
+    ("args", put("launch.num_processes", 0), "launch.num_processes must be >= 1, got 0"),
+    ("recontrol", put("launch.config_file", "accel.yaml"), "launch.config_file is read by accelerate launch only"),
+    ("misvo", both(ACCELERATE, put("launch.config_file", "./no_such_accelerate.yaml")),
+     "launch.config_file no_such_accelerate.yaml does not exist: write it with `accelerate config --config_file "
+     "no_such_accelerate.yaml`, or set launch.config_file: null"),
+    ("bon", both(ACCELERATE, lambda p, d: (d / "accel.yaml").write_text("- not\n- a mapping\n"),
+                 put("launch.config_file", "accel.yaml")), "accel.yaml is not a YAML mapping of accelerate options"),
+    ("aisp", both(ACCELERATE, put("model.device_map", "auto")), "model.device_map: auto spreads one model over every "
+                                                               "visible GPU, so 2 processes would each load it"),
+    ("bon", put("model.device_map", "balanced"), "model.device_map must be one of 'auto', got 'balanced'"),
+    pytest.param("bon", both(ACCELERATE, put("model.device", "cuda")), "model.device = 'cuda' but no CUDA GPU is "
+                 "visible", marks=NO_GPU),
     # valid: one per stage (an hf reward folder with a config.json passes the params step)
     *[(stage, None, None) for stage in params.STAGES],
     ("bon", both(HF, folder("reward.name", with_config=True)), None),
+    ("tune", ACCELERATE, None),  # two CPU processes need no accelerate configuration
+    ("theory", put("launch.num_processes", 2), None),  # theory is never sharded: it does not read launch
 ]
 
 

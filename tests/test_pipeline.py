@@ -44,6 +44,7 @@ def smoke_params() -> dict:
             for key in params.SCHEMA[section]:
                 name = key if i == 0 else f"{section}_{key}"
                 out.setdefault(section, {})[key] = ast.literal_eval(nb[name]["default"])
+    out["launch"] = {"launcher": "python", "num_processes": 1, "config_file": None}  # read by the wrapper only
     # share the converted model with the test session instead of converting it again
     out["model"]["cache_dir"] = str(Path(os.environ.get("PRELOGIT_CACHE", ROOT / "models")).resolve())
     return out
@@ -246,3 +247,67 @@ def test_notebook_failure_prints_its_error_last_and_keeps_results(repo):
     finally:
         head.write_bytes(good)
     assert _results(repo) == before
+
+
+def _close(a, b, path: str = "") -> None:
+    """``a`` and ``b`` have the same structure, strings, integers and token lists, and floats within 1e-4."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-4), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_two_processes_give_the_records_of_one(repo):
+    """The smoke bon and aisp stages under accelerate launch with two CPU processes (gloo): each process runs
+    its share of the prompts, rank 0 publishes, and the records are those of one plain process.
+
+    Both runs use the model in float64. A process batches only its own prompts, so the left-padded prefill
+    has other shapes than in one process; in float32 that rounding can move a logit enough to flip one of
+    the thousands of inverse-CDF draws, and the sample's continuation then differs (seen in the smoke run).
+    In float64 the same rounding is some 1e-16, far below any draw's distance to a boundary, so every
+    token, text and count must agree exactly. The reward model stays in float32 and scores differently
+    composed batches, so floats are compared within 1e-4 (rewards are O(1) logits; a difference of float32
+    rounding, ~1e-6, passes and anything a changed sample would cause does not).
+    """
+    files = {"bon": ["samples.jsonl", "curve.json", "base_rewards.json"],
+             "aisp": ["samples.jsonl", "curve.json", "literature.jsonl", "variance.json"]}
+    kept = {f: f.read_bytes() for s in files for f in (repo / "results" / s).iterdir()}  # restored at the end
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["model"]["dtype"] = "float64"
+    (repo / "one.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    p["launch"] = {"launcher": "accelerate", "num_processes": 2, "config_file": None}
+    (repo / "two.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    env = _env(repo)
+    outputs = {}
+    try:
+        for config in ("one.yaml", "two.yaml"):
+            for stage in files:
+                run = subprocess.run([sys.executable, "-m", "prelogit.stage", stage, "--params", config], cwd=repo,
+                                     capture_output=True, text=True, env=env, timeout=1200)
+                _assert_no_network(repo)
+                assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+                assert ("--num_processes 2" in run.stderr) == (config == "two.yaml")
+                assert not (repo / "results" / ".staging").exists()
+                executed = (repo / "results" / stage / f"{stage}.ipynb").read_text()
+                assert ".staging" not in executed and "rank0" not in executed
+                for name in files[stage]:
+                    raw = (repo / "results" / stage / name).read_text()
+                    outputs[config, stage, name] = ([json.loads(line) for line in raw.splitlines()]
+                                                    if name.endswith(".jsonl") else json.loads(raw))
+        for stage, names in files.items():
+            for name in names:
+                _close(strip_timing(outputs["one.yaml", stage, name]), strip_timing(outputs["two.yaml", stage, name]),
+                       f"{stage}/{name}")
+    finally:
+        for f, before in kept.items():
+            f.write_bytes(before)
+        for config in ("one.yaml", "two.yaml"):
+            (repo / config).unlink(missing_ok=True)

@@ -22,7 +22,8 @@ from .checks import (EMBEDDED, GGUF_FILE, GGUF_PACKAGE, ModelNotFoundError, chec
 from .checks import looks_like_path as _looks_like_path  # noqa: F401
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for checks that need a result not to depend on float rounding (the sharding test)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def default_cache_dir() -> Path:
@@ -88,7 +89,8 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None,
 
 
 def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-               cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None):
+               cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
+               device_map: str | None = None):
     """Load a causal LM and its tokenizer, ready for batched generation.
 
     Args:
@@ -98,6 +100,13 @@ def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat1
         cache_dir: where the embedded model is converted (default :func:`default_cache_dir`).
         local_files_only: never reach the hub. Defaults to True unless ``name_or_path`` is a hub
             id and ``HF_HUB_OFFLINE`` is not set.
+        device_map: None (default): the whole model is loaded and moved to ``device``. ``"auto"``:
+            accelerate's big-model loading (:func:`device_map_argument`), for a model larger than
+            one GPU: with a ``cuda`` device its layers are spread over every visible GPU in turn
+            (restrict them with ``CUDA_VISIBLE_DEVICES``); with any other device it is loaded
+            straight onto that device. The model is then not moved afterwards: accelerate's hooks
+            carry each layer's inputs to the layer's device (:class:`prelogit.sampling.PrelogitSampler`
+            handles a model spread this way).
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer pads on the left.
     """
@@ -107,6 +116,7 @@ def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat1
     # Loading a 135M model takes a second; its per-tensor progress bar only clutters notebooks.
     hf_logging.disable_progress_bar()
     torch_dtype = parse_dtype(dtype)
+    placement = device_map_argument(device_map, device)
     source = resolve_model(name_or_path, cache_dir, torch_dtype)
     is_hub = source == name_or_path and not Path(source).exists()
     if local_files_only is None:
@@ -116,17 +126,37 @@ def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat1
                                  "or run on a machine with a GPU")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_files_only,
+                                                     **({} if placement is None else {"device_map": placement}))
     except OSError as err:
         where = "the local Hugging Face cache" if local_files_only else "the hub"
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r} from {where}: {err.__class__.__name__}. "
             "Check the id, hub access and HF_TOKEN, or download it first and pass its local folder") from err
-    model.to(device).eval()
+    if placement is None:  # a dispatched model is already where accelerate put it; .to() would undo that
+        model.to(device)
+    model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def device_map_argument(device_map: str | None, device: str) -> str | dict[str, str] | None:
+    """What :func:`load_model` passes to ``from_pretrained(device_map=...)`` for ``model.device_map``.
+
+    None stays None (load, then ``.to(device)``: the behaviour without a device map). ``"auto"`` with a
+    ``cuda`` device is accelerate's ``"auto"``: every visible GPU in turn, then CPU memory for what
+    does not fit. With any other device ``"auto"`` becomes ``{"": device}`` (the whole model there,
+    loaded through the same big-model path), so that ``device: cpu`` keeps the model off any GPU the
+    machine may have.
+    """
+    if device_map is None:
+        return None
+    if device_map != "auto":
+        from .checks import ParameterError
+        raise ParameterError(f"device_map must be null or 'auto', got {device_map!r}")
+    return "auto" if device.startswith("cuda") else {"": device}
 
 
 def prelogit_dim(model) -> int:

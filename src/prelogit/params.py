@@ -109,8 +109,9 @@ misvo_arm = mapping_of(MISVO_ARM_KEYS)
 
 
 SCHEMA: dict[str, dict[str, Check]] = {
-    "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16"), "device": check_device,
-              "cache_dir": string, "threads": integer(0), "max_rows": integer(1)},
+    "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16", "float64"), "device": check_device,
+              "cache_dir": string, "threads": integer(0), "max_rows": integer(1),
+              "device_map": optional(choice("auto"))},
     "generation": {"max_new_tokens": integer(1), "decode": choice("sample", "greedy"), "temperature": POS,
                    "top_k": integer(0), "top_p": num(0, 1, low_open=True)},
     "reward": {"kind": choice("embedded", "hf"), "name": optional(string), "dtype": choice("float32", "bfloat16", "float16")},
@@ -133,6 +134,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
               "eta": list_of(num(0, low_open=True), 0), "lam": list_of(num(0), 0), "K": list_of(integer(2), 0),
               "fisher": list_of(choice("reference", "identity"), 0), "rungs": list_of(integer(1)),
               "halving": integer(2), "n_prompts": integer(1), "final_rollout": boolean},
+    # How the generating stages are started (read by the stage wrapper, not by the notebooks): one plain
+    # process, or accelerate launch with num_processes processes that share the prompts out
+    "launch": {"launcher": choice("python", "accelerate"), "num_processes": integer(1), "config_file": optional(string)},
     "theory": {"seed": SEED, "false_alarm": num(0, 1, low_open=True, high_open=True), "sigma": POS, "lam": POS,
                "kappa": POS, "offset": num(0), "quad_curvatures": list_of(num(0)), "dims": list_of(integer(1)),
                "n_grid": list_of(integer(2), 2), "n_seeds": integer(2), "iter_dim": integer(1), "iter_n": integer(2),
@@ -179,6 +183,11 @@ STAGES: dict[str, dict[str, Any]] = {
                           "tune_dir": "results/tune", "misvo_dir": "results/misvo",
                           "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol"}},
 }
+
+
+#: The stages that generate per prompt and can share their prompts out across processes
+#: (``launch`` section, :mod:`prelogit.shard`); the others always run as one plain process.
+SHARDED_STAGES = ("bon", "tune", "aisp", "misvo", "args", "recontrol")
 
 
 def load(path: str | Path = "params.yaml") -> dict:
@@ -253,6 +262,12 @@ def _cross_checks(section: str, v: dict) -> None:
         for key, K in [("misvo.center.K", v["center"]["K"])] + [(f"misvo.K[{i}]", x) for i, x in enumerate(v["K"])]:
             if v["N"] % K:
                 raise ParameterError(f"{key} = {K} does not divide misvo.N = {v['N']}; the budget is K x steps")
+    if section == "launch" and v["launcher"] == "python" and v["num_processes"] != 1:
+        raise ParameterError(f"launch.num_processes = {v['num_processes']} needs launch.launcher: accelerate "
+                             "(a plain python process runs every prompt itself); set launcher: accelerate or num_processes: 1")
+    if section == "launch" and v["config_file"] is not None and v["launcher"] != "accelerate":
+        raise ParameterError("launch.config_file is read by accelerate launch only; set launch.launcher: accelerate "
+                             "or config_file: null")
     if section == "prepare" and v["source"] != "chitchat" and not v["source_path"]:
         raise ParameterError(f"prepare.source_path must name the {v['source']} data file or hub id")
     if section == "reward" and v["kind"] == "hf" and not v["name"]:
@@ -396,11 +411,16 @@ def check_environment(stage: str, params: dict, root: str | Path = ".") -> None:
 
 
 def check_stage(stage: str, params: dict, root: str | Path = ".") -> dict:
-    """Everything ``python -m prelogit.params STAGE`` checks: :func:`stage_parameters` (the values)
-    and :func:`check_environment` (this machine, earlier stages). Returns the flat parameters;
+    """Everything ``python -m prelogit.params STAGE`` checks: :func:`stage_parameters` (the values),
+    :func:`check_environment` (this machine, earlier stages) and, for a generating stage, how it is
+    launched (:func:`prelogit.launch.check`). Returns the flat parameters;
     raises :class:`ParameterError` only."""
     flat = stage_parameters(stage, params)
     check_environment(stage, params, root)
+    if stage in SHARDED_STAGES:  # how it is started: the launch section, accelerate's configuration, the GPUs
+        from . import launch
+
+        launch.check(params)
     return flat
 
 

@@ -18,6 +18,7 @@ from .metrics import distinct_ngram_diversity, expected_best_of_n
 from .models import load_model
 from .rewards import build_judges, build_reward, MiniLMEncoder
 from .sampling import DEFAULT_MAX_ROWS, PrelogitSampler
+from .shard import process_device
 from .theory import kl_best_of_n
 
 
@@ -43,12 +44,18 @@ def set_threads(threads: int) -> int:
 
 def build_sampler(model_name: str, model_dtype: str, model_device: str, model_cache_dir: str,
                   max_new_tokens: int, decode: str, temperature: float, top_k: int, top_p: float,
-                  model_threads: int = 0, model_max_rows: int = DEFAULT_MAX_ROWS):
+                  model_threads: int = 0, model_max_rows: int = DEFAULT_MAX_ROWS, model_device_map: str | None = None):
     """Load the LM and wrap it in a :class:`PrelogitSampler` (``model_max_rows`` rows per forward pass);
-    returns (sampler, load seconds)."""
+    returns (sampler, load seconds).
+
+    Under ``accelerate launch`` a ``cuda`` device becomes this process's own GPU
+    (:func:`prelogit.shard.process_device`); ``model_device_map: auto`` spreads the model over every
+    visible GPU instead (one process).
+    """
     set_threads(model_threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_name, dtype=model_dtype, device=model_device, cache_dir=model_cache_dir)
+    model, tokenizer = load_model(model_name, dtype=model_dtype, device=process_device(model_device),
+                                  cache_dir=model_cache_dir, device_map=model_device_map)
     sampler = PrelogitSampler(model, tokenizer, max_new_tokens=max_new_tokens, decode=decode,
                               temperature=temperature, top_k=top_k, top_p=top_p, max_rows=model_max_rows)
     return sampler, time.perf_counter() - t0
@@ -56,7 +63,9 @@ def build_sampler(model_name: str, model_dtype: str, model_device: str, model_ca
 
 def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, reward_head_path: str,
                   device: str = "cpu"):
-    """The optimised reward and the held-out judges (which share the MiniLM encoder)."""
+    """The optimised reward and the held-out judges (which share the MiniLM encoder), on ``device``
+    (this process's own GPU under ``accelerate launch``, as for the LM)."""
+    device = process_device(device)
     encoder = MiniLMEncoder(device=device)
     if reward_kind == "embedded":
         spec = {"kind": "embedded", "head": reward_head_path}

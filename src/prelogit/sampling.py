@@ -100,12 +100,35 @@ class Prefill:
         return len(self.ids)
 
 
-class _HeadHook:
-    """Forward pre-hook on the LM head that applies a pre-logit transform and records z_t."""
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on.
 
-    def __init__(self, head: torch.nn.Module):
+    For a model dispatched by accelerate (``from_pretrained(device_map=...)``) that is the execution
+    device of the module's hook: an offloaded module keeps its weights on the meta device between
+    forward passes, so its parameters do not say where it runs. Otherwise it is the device of the
+    module's first parameter.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return next(module.parameters()).device
+
+
+class _HeadHook:
+    """Forward pre-hook on the LM head that applies a pre-logit transform and records z_t.
+
+    ``device``: where the transform receives z_t and where it is recorded. The hook runs before
+    accelerate's own hook moves the head's input, so for a model spread over several devices z_t
+    arrives on the device of the last layer; it is moved to ``device`` (the sampler's, where its
+    callers keep their control tensors and value functions). On one device this is a no-op.
+    """
+
+    def __init__(self, head: torch.nn.Module, device: torch.device | None = None):
         self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.last: torch.Tensor | None = None
+        self.device = device
         self._handle = head.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
@@ -114,6 +137,8 @@ class _HeadHook:
             raise RuntimeError("the sampler calls the model with logits_to_keep=1; the LM head saw "
                                f"{h.shape[1]} positions. Does this model support logits_to_keep?")
         z = h[:, -1, :]
+        if self.device is not None and z.device != self.device:
+            z = z.to(self.device)
         self.last = z
         if self.fn is None:
             return None
@@ -193,8 +218,31 @@ class _AppendLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        # A model spread over devices keeps each layer's cache on that layer's device.
+        indices = indices.to(self._k.device)
         self._k, self._v = self._k[indices], self._v[indices]
         self._views()
+
+
+class _OnDevice:
+    """An index tensor, moved once to each device it is asked for (a model spread over devices keeps
+    each layer's KV cache on that layer's device; indexing needs the index there or on the CPU)."""
+
+    def __init__(self, index: torch.Tensor):
+        self._copies = {index.device: index}
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        if like.device not in self._copies:
+            self._copies[like.device] = next(iter(self._copies.values())).to(like.device)
+        return self._copies[like.device]
+
+
+def _select_rows(cache: DynamicCache, idx: torch.Tensor) -> None:
+    """Keep the rows ``idx`` (CPU) of every layer of ``cache``, the index moved to each layer's device once."""
+    on = _OnDevice(idx)
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        layer.batch_select_indices(on(keys) if isinstance(keys, torch.Tensor) else idx)
 
 
 class PrelogitSampler:
@@ -207,6 +255,14 @@ class PrelogitSampler:
             ``greedy`` (argmax of the perturbed logits; all randomness then comes from V).
         temperature, top_k, top_p: as in ``transformers`` (top_k = 0 and top_p = 1 disable them).
         max_rows: rows per forward pass (micro-batch size); bounds memory, not the results.
+
+    Devices: :attr:`device` is the input embedding's device. Token ids and masks are made there,
+    and pre-logit transforms receive z_t there (and :attr:`Prefill.z` is kept there). For a model on
+    one device that is simply the model's device. For a model spread over several GPUs by
+    ``device_map="auto"`` (:func:`prelogit.models.load_model`), accelerate's hooks carry the inputs
+    of each layer to its device; the KV cache of each layer stays on that layer's device and row
+    selections are moved to it; logits come back on the LM head's device or the inputs', and what
+    is computed from them follows ``logits.device``.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 24, decode: str = "sample",
@@ -227,7 +283,8 @@ class PrelogitSampler:
         self.max_rows = max_rows
         self.head = model.get_output_embeddings()
         self.d = self.head.weight.shape[1]
-        self.device = self.head.weight.device
+        # Where the token ids go. On one device this is the LM head's device as well.
+        self.device = execution_device(model.get_input_embeddings())
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
@@ -270,7 +327,7 @@ class PrelogitSampler:
         # Positions count each prompt's own tokens (0 at its first real token), as in generate().
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         zs, kv_parts = [], []
-        hook = _HeadHook(self.head)
+        hook = _HeadHook(self.head, self.device)
         try:
             for s in range(0, len(ids), self.max_rows):
                 cache = DynamicCache(config=self.model.config)
@@ -416,7 +473,7 @@ class PrelogitSampler:
         prelogits = torch.zeros(R, T, self.d, dtype=torch.float32) if record_prelogits else None
         kl = torch.zeros(R, dtype=torch.float64) if record_kl else None
         calls = torch.zeros(B, dtype=torch.long) if reuse else torch.ones(B, dtype=torch.long)
-        hook = _HeadHook(self.head)
+        hook = _HeadHook(self.head, self.device)
         try:
             for s in range(0, R, self.max_rows):
                 rows = torch.arange(s, min(s + self.max_rows, R))
@@ -463,13 +520,14 @@ class PrelogitSampler:
                      calls: torch.Tensor, chooser: Chooser | None = None, kl: torch.Tensor | None = None) -> None:
         """Decode one micro-batch of rows to EOS or T tokens, writing into the call's output tensors."""
         src = prompt_of_row[rows].to(self.device)
+        on = _OnDevice(src)  # each layer's prefill cache lives on that layer's device
         P = pre.mask.shape[1]
         cache = DynamicCache(config=self.model.config)
         if all(type(layer) is DynamicLayer for layer in cache.layers) and len(cache.layers) == len(pre.kv):
-            cache.layers = [_AppendLayer(k[src], v[src], P + T) for k, v in pre.kv]
+            cache.layers = [_AppendLayer(k[on(k)], v[on(v)], P + T) for k, v in pre.kv]
         else:  # sliding-window or other special layers: let transformers manage them
             for layer, (k, v) in enumerate(pre.kv):
-                cache.update(k[src], v[src], layer)
+                cache.update(k[on(k)], v[on(v)], layer)
         mask = torch.cat([pre.mask[src], torch.ones(len(rows), T, dtype=torch.long, device=self.device)], dim=1)
         plen = pre.lengths[src]
         active = rows
@@ -479,7 +537,7 @@ class PrelogitSampler:
                 hook.fn = lambda z, t=t, r=active: fn(z, t, r)
             if t == 0:
                 # The first token's pre-logit comes from the prefill: only the head runs.
-                logits = self.head(pre.z[src].unsqueeze(1))[:, -1]
+                logits = self.head(pre.z[on(pre.z)].unsqueeze(1))[:, -1]
             else:
                 logits = self.model(input_ids=nxt[:, None], attention_mask=mask[:, : P + t],
                                     position_ids=(plen + t - 1)[:, None], past_key_values=cache, use_cache=True,
@@ -495,16 +553,16 @@ class PrelogitSampler:
                 nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
             if kl is not None:
                 # The unsteered logits on the same prefix: the head on the recorded z (hook.fn is off now).
-                base = logits if fn is None else self.head(z.unsqueeze(1))[:, -1]
+                base = logits if fn is None else self.head(z.unsqueeze(1))[:, -1].to(logits.device)
                 kl[active] += self.token_kl(logits, base, nxt if decode == "greedy" else None).cpu()
             tokens[active, t] = nxt.cpu()
             lengths[active] += 1
-            done = torch.isin(nxt, self.eos_ids).cpu()
+            done = torch.isin(nxt, self.eos_ids.to(nxt.device)).cpu()
             finished[active[done]] = True
             keep = ~done
             if t == T - 1 or not keep.any():
                 break
             if not keep.all():
                 idx = keep.nonzero().squeeze(1)
-                cache.batch_select_indices(idx.to(self.device))
+                _select_rows(cache, idx)
                 active, nxt, mask, plen = active[keep], nxt[keep.to(nxt.device)], mask[idx], plen[idx]

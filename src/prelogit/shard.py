@@ -55,8 +55,10 @@ def process_device(device: str) -> str:
     Raises:
         ParameterError: more processes on this machine than visible GPUs.
     """
+    if device != "cuda":  # no process state needed (and none created) for cpu, mps or a pinned cuda:N
+        return device
     st = _state()
-    if device != "cuda" or st.num_processes == 1:
+    if st.num_processes == 1:
         return device
     import torch
 

@@ -372,3 +372,39 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
                        [configs[i][0] for i, _ in chunk], [prompt_generator(seed, p) for _, p in chunk], decode=decode)
             out.update(zip(chunk, recs))
     return out
+
+
+def run_pairs(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig | MISVOConfig, str | None]],
+              rows_by_id: dict[str, dict], pairs: Sequence[tuple[int, str]], seed: int,
+              max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
+    """:func:`run_arms` with the pairs shared out across processes under ``accelerate launch``.
+
+    Each process runs its contiguous share of the (distinct) pairs and every process gets every
+    record back (:func:`prelogit.shard.run_sharded`); a pair's record does not depend on which
+    process ran it, since its generator is keyed by (seed, prompt id). As one plain process this is
+    exactly ``run_arms`` on all pairs.
+
+    Args:
+        rows_by_id: prompt rows (``id``, ``prompt``, ``text``) by id; must hold every pair's prompt.
+        the others: as for :func:`run_arms`.
+    Returns:
+        ``{(config index, prompt id): record}`` in :func:`run_arms`'s order (lockstep groups in
+        sorted order, pairs in the order given), whatever the sharding.
+    """
+    from .shard import run_sharded
+
+    pairs = list(dict.fromkeys((int(i), p) for i, p in pairs))
+    for pair in pairs:
+        if pair[1] not in rows_by_id:
+            raise ParameterError(f"pair {pair}: prompt id {pair[1]!r} is not in rows_by_id")
+        if not 0 <= pair[0] < len(configs):
+            raise ParameterError(f"pair {pair}: config index {pair[0]} is out of range (0 .. {len(configs) - 1})")
+
+    def run(share: list[tuple[int, str]]) -> list[dict]:
+        recs = run_arms(sampler, reward, configs, [rows_by_id[p] for p in dict.fromkeys(p for _, p in share)], share,
+                        seed, max_prompts)
+        return [recs[pair] for pair in share]
+
+    records = dict(zip(pairs, run_sharded(pairs, run)))
+    # sorted() is stable: groups by their lockstep key, the given order within a group, as run_arms returns them
+    return {pair: records[pair] for pair in sorted(pairs, key=lambda pair: _lockstep_key(*configs[pair[0]]))}
