@@ -98,7 +98,8 @@ def test_num_processes_becomes_launch_overrides():
     run = paper.overlay({"model": {"device": "cpu"}}, paper.cli_choices(2, None))
     assert paper.overrides(default, run) == ["-S", 'launch.launcher="accelerate"', "-S", "launch.num_processes=2"]
     run = paper.overlay({}, paper.cli_choices(None, "acc.yaml"))
-    assert paper.overrides(default, run) == ["-S", 'launch.launcher="accelerate"', "-S", 'launch.config_file="acc.yaml"']
+    assert paper.overrides(default, run) == ["-S", 'launch.launcher="accelerate"',
+                                             "-S", 'launch.config_file="acc.yaml"']
     assert paper.cli_choices(None, None) == {}
     assert paper.overlay(default, run)["launch"] == {"launcher": "accelerate", "num_processes": 1,
                                                      "config_file": "acc.yaml"}
@@ -146,11 +147,13 @@ def test_too_few_gpus_is_a_message(tmp_path):
 
 
 def _workers(seen: list[str], stage: str) -> set[str]:
-    """pids of the ``python -m prelogit.stage STAGE ... --worker`` processes in the netguard's "pid cmdline" log."""
+    """pids of the ``python -m prelogit.stage STAGE ... --worker`` processes in the netguard's "pid cmdline" log
+    (not the ``accelerate launch ... -m prelogit.stage STAGE ... --worker`` process that starts them)."""
     out = set()
     for line in seen:
         words = line.split()
-        if "--worker" in words and "prelogit.stage" in words[:-1] and words[words.index("prelogit.stage") + 1] == stage:
+        if ("--worker" in words and "launch" not in words and "prelogit.stage" in words[:-1]
+                and words[words.index("prelogit.stage") + 1] == stage):
             out.add(words[0])
     return out
 
@@ -187,13 +190,9 @@ def test_paper_path_runs_end_to_end_with_two_processes(tmp_path, smollm_dir):
     seen = (repo.parent / "netguard-processes.log").read_text().splitlines()
     for stage in params.SHARDED_STAGES:
         assert len(_workers(seen, stage)) == 2, (stage, seen)
-    # and DVC recorded the experiment under its name
+    # and DVC recorded the experiment under its name, on the commit it started from
     show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, env=_env(repo))
     assert show.returncode == 0, show.stderr
-
-    def names(node) -> set:
-        if isinstance(node, dict):
-            return {node.get("name")} | set().union(*map(names, node.values()))
-        return set().union(*map(names, node)) if isinstance(node, list) else set()
-
-    assert "tiny" in names(json.loads(show.stdout))
+    experiments = [rev for baseline in json.loads(show.stdout) for exp in baseline.get("experiments") or []
+                   for rev in exp["revs"]]
+    assert [rev["name"] for rev in experiments] == ["tiny"], experiments

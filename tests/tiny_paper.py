@@ -37,7 +37,7 @@ DIALOGUES = [
     ([], "What should I pack for a day hike?", "Water, snacks, a map and a jacket.", "Nothing."),
     ([("Human", "My code has a bug."), ("Assistant", "What does the error say?")],
      "It says index out of range.", "A loop probably runs one step too far.", "Delete the code."),
-    ([], "Is it safe to eat raw cookie dough?", "Raw eggs and flour carry some risk, so better not.", "Sure, eat a lot."),
+    ([], "Is it safe to eat raw cookie dough?", "Raw eggs and flour carry some risk, so better not.", "Sure."),
     ([], "How many legs does a spider have?", "Eight.", "Six."),
     ([], "Give me a tip for better sleep.", "Keep the same bedtime every night.", "Drink coffee late."),
     ([], "What rhymes with moon?", "Spoon, tune and June.", "Sun."),
