@@ -335,3 +335,23 @@ def test_build_reward_and_judges(encoder, tmp_path, tiny_llama_rm):
         build_reward({"kind": "hf"})
     with pytest.raises(FileNotFoundError, match="train it first"):
         build_reward({"kind": "embedded", "head": "missing.safetensors"}, encoder=encoder, root=tmp_path)
+
+
+def test_saved_head_is_byte_stable_across_processes(tmp_path):
+    """safetensors orders its metadata by a per-process hash; save_head sorts it, so a re-run of the
+    prepare stage gives the same file (and DVC does not re-run every later stage for nothing)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom prelogit.rewards import save_head\n"
+            "save_head({'weight': torch.arange(384.) / 7, 'bias': torch.tensor([0.5])}, sys.argv[1], "
+            "{f'key{i}': i for i in range(12)})")
+    digests = set()
+    for i in range(3):  # three processes: three hash seeds
+        path = tmp_path / f"head{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=120)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    head = load_head(tmp_path / "head0.safetensors")
+    assert torch.equal(head["weight"], torch.arange(384.) / 7) and torch.equal(head["bias"], torch.tensor([0.5]))

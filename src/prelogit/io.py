@@ -54,6 +54,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` (name -> CPU tensor) with string ``metadata`` as safetensors, atomically and
+    byte-stable: the same tensors and metadata give the same bytes in every run.
+
+    safetensors writes its metadata from a hash map whose order changes from process to process, so
+    a re-run would change the file's hash (and DVC would re-run every stage that reads it) although
+    nothing in it changed. The header is therefore re-written with the metadata keys sorted; tensor
+    entries and data are kept as written (their offsets are relative to the end of the header).
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, key-sorted JSON (small diffs under DVC), atomically."""
     with atomic_path(path) as tmp:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .checks import ParameterError, check_number
-from .io import atomic_path
+from .io import write_safetensors
 from .metrics import CostMeter
 from .sampling import Generation, PrelogitSampler
 
@@ -327,14 +327,10 @@ def recontrol_generate(sampler: PrelogitSampler, prompt, value_fn: ValueFn, step
 
 def save_value(mlp: ValueMLP, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write the MLP's weights and shape as safetensors, atomically; ``metadata`` values become strings."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in mlp.state_dict().items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update({"kind": "recontrol-value-mlp", "d": str(mlp.d), "hidden": str(mlp.hidden), "layers": str(mlp.layers)})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return write_safetensors(path, tensors, meta)
 
 
 def load_value(path: str | os.PathLike, device: str = "cpu") -> ValueMLP:

