@@ -203,10 +203,13 @@ def test_smollm_hook_sees_last_hidden_state(smollm):
     P = ids.shape[1]
     expected = out.hidden_states[-1][0, P - 1: P - 1 + int(g.lengths[0])].float()
     # bf16: cached (token by token) and uncached attention round differently, so compare per token
-    # at bf16 resolution (relative L2 error), not element by element.
+    # at bf16 resolution (relative L2 error), not element by element. The prefill too: it runs on the
+    # prompt alone, the reference on prompt + continuation, and whether the CPU's bf16 kernels round a
+    # row the same way in a longer matrix depends on the CPU and its kernels (exactly 0 where this test
+    # was written, 0.012 on a Xeon with AVX-512 and AMX bf16 units); the rest is rounding through 30 bf16 layers.
     rel = (g.prelogits[0, : g.lengths[0]] - expected).norm(dim=-1) / expected.norm(dim=-1)
-    # (measured: 0 at the prefill, about 0.01-0.02 after, from rounding through 30 bf16 layers)
-    assert float(rel[0]) == 0.0 and float(rel.max()) < 0.05, rel
+    # (measured: at most 0.025 on either machine)
+    assert float(rel.max()) < 0.05, rel
     torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits)
     # On one and the same forward pass the hook sees hidden_states[-1] exactly.
     from prelogit.sampling import _HeadHook
