@@ -164,9 +164,9 @@ def test_paper_path_runs_end_to_end_with_two_processes(tmp_path, smollm_dir):
     prompts, in a copy of the repository: ``dvc exp run`` runs every stage, the generating ones as two
     accelerate processes each, offline, and the experiment and its results are there."""
     import tiny_paper
-    from test_pipeline import _assert_no_network, _env, smoke_params
+    from test_pipeline import _assert_no_network, _env, copy_repository, smoke_params
 
-    repo = tiny_paper.copy_repository(ROOT, tmp_path / "repo")
+    repo = copy_repository(tmp_path / "repo")
     smoke = smoke_params()
     (repo / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
     tiny = tiny_paper.build(tmp_path / "tiny", smollm_dir, smoke)

@@ -86,16 +86,22 @@ def _results(repo: Path) -> dict[str, str]:
             if p.is_file() and ".staging" not in p.relative_to(root).parts}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+def copy_repository(dest: Path) -> Path:
+    """The repository's files (tracked and untracked-but-not-ignored) copied to ``dest``, without results/
+    and dvc.lock: a pipeline that runs there starts from nothing and never touches the checkout."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if f.startswith("results/") or f == "dvc.lock" or not (ROOT / f).is_file():
             continue
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, repo / f)
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = copy_repository(tmp_path_factory.mktemp("pipeline") / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     return repo

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -133,20 +132,6 @@ def build(folder: Path, tokenizer_dir: str | Path, smoke: dict) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(smoke, lm, reward, data), sort_keys=False))
     return path
-
-
-def copy_repository(root: Path, dest: Path) -> Path:
-    """The repository's files (tracked and untracked-but-not-ignored) copied to ``dest``, without results/
-    and dvc.lock, as tests/test_pipeline.py's ``repo`` fixture makes it: a pipeline that runs there
-    starts from nothing and never touches the checkout."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if f.startswith("results/") or f == "dvc.lock" or not (root / f).is_file():
-            continue
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / f, dest / f)
-    return dest
 
 
 def commit_all(repo: Path) -> None:
