@@ -11,7 +11,7 @@ from prelogit.sampling import PrelogitSampler
 from toy_rewards import VowelShare
 
 from prelogit.misvo import MISVOConfig, run_misvo_many
-from prelogit.tune import (FACTORS, arm_config, candidate_arms, claim_arms, one_factor_arms, run_arms,
+from prelogit.tune import (FACTORS, arm_config, candidate_arms, claim_arms, one_factor_arms, run_arms, run_pairs,
                            successive_halving)
 
 CENTER = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
@@ -276,3 +276,23 @@ def test_claim_arms_are_the_center_and_its_sigma_alpha_and_lambda_extremes():
     labels = [arms[i]["label"] for i in claim_arms(arms)]
     assert labels == ["center", "sigma_rms=0.1", "sigma_rms=0.5", "lam(absolute)=0.001", "alpha(mppi)=0.999",
                       "alpha(step)=0.1", "alpha(step)=0.999"]
+
+
+def test_run_pairs_in_one_process_is_run_arms(tiny_lm64, tokenizer):
+    """One process: run_pairs gives run_arms' records, in run_arms' order (lockstep groups sorted), and it
+    checks every pair before anything runs, with run_arms' messages."""
+    s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=4, max_rows=6)
+    configs = [(arm_config(dict(CENTER, n=2, tau=2), rms=1.5, max_new_tokens=4, N=4), "sample"),
+               (arm_config(dict(CENTER, n=4, tau=1), rms=1.5, max_new_tokens=4, N=4), "sample"),
+               (MISVOConfig(eta=20.0, lam=1.0, K=2, N=2, final_rollout=False), "sample")]
+    rows = [{"id": f"q{i}", "prompt": t, "text": t} for i, t in enumerate(["Hi!", "I lost my keys again."])]
+    pairs = [(2, "q1"), (1, "q0"), (0, "q1"), (2, "q0"), (0, "q0"), (1, "q0")]
+    want = run_arms(s, VowelShare(), configs, rows, pairs, seed=5)
+    got = run_pairs(s, VowelShare(), configs, {r["id"]: r for r in rows}, pairs, seed=5)
+    assert list(got) == list(want)
+    assert {p: _results(r) for p, r in got.items()} == {p: _results(r) for p, r in want.items()}
+    by_id = {r["id"]: r for r in rows}
+    with pytest.raises(ParameterError, match="prompt id 'q9' is not in prompt_rows"):
+        run_pairs(s, VowelShare(), configs, by_id, [(0, "q0"), (0, "q9")], seed=5)
+    with pytest.raises(ParameterError, match="config index 3"):
+        run_pairs(s, VowelShare(), configs, by_id, [(3, "q0")], seed=5)

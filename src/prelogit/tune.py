@@ -312,6 +312,24 @@ def _lockstep_key(cfg: AISPConfig | MISVOConfig, decode: str | None) -> tuple:
     return ("misvo", cfg.K, cfg.N, cfg.final_rollout, str(decode))
 
 
+def _lockstep_groups(configs: list[tuple[AISPConfig | MISVOConfig, str | None]], pairs: Sequence[tuple[int, str]],
+                     prompt_ids) -> dict[tuple, list[tuple[int, str]]]:
+    """The distinct (config index, prompt id) pairs grouped by :func:`_lockstep_key`, in the order given
+    within a group; each pair checked against ``configs`` and ``prompt_ids`` (ParameterError)."""
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for pair in dict.fromkeys((int(i), p) for i, p in pairs):
+        i, pid = pair
+        if not 0 <= i < len(configs):
+            raise ParameterError(f"pair {pair}: config index {i} is out of range (0 .. {len(configs) - 1})")
+        if pid not in prompt_ids:
+            raise ParameterError(f"pair {pair}: prompt id {pid!r} is not in prompt_rows")
+        cfg, decode = configs[i]
+        if not isinstance(cfg, (AISPConfig, MISVOConfig)):
+            raise ParameterError(f"configs[{i}] must be (AISPConfig or MISVOConfig, decode), got {configs[i]!r}")
+        groups.setdefault(_lockstep_key(cfg, decode), []).append(pair)
+    return groups
+
+
 def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig | MISVOConfig, str | None]],
              prompt_rows: list[dict], pairs: list[tuple[int, str]], seed: int,
              max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
@@ -349,17 +367,7 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
         if row["id"] in rows:
             raise ParameterError(f"prompt_rows has the id {row['id']!r} twice")
         rows[row["id"]] = row
-    groups: dict[tuple, list[tuple[int, str]]] = {}
-    for pair in dict.fromkeys((int(i), p) for i, p in pairs):
-        i, pid = pair
-        if not 0 <= i < len(configs):
-            raise ParameterError(f"pair {pair}: config index {i} is out of range (0 .. {len(configs) - 1})")
-        if pid not in rows:
-            raise ParameterError(f"pair {pair}: prompt id {pid!r} is not in prompt_rows")
-        cfg, decode = configs[i]
-        if not isinstance(cfg, (AISPConfig, MISVOConfig)):
-            raise ParameterError(f"configs[{i}] must be (AISPConfig or MISVOConfig, decode), got {configs[i]!r}")
-        groups.setdefault(_lockstep_key(cfg, decode), []).append(pair)
+    groups = _lockstep_groups(configs, pairs, rows)
     out: dict[tuple[int, str], dict] = {}
     for key in sorted(groups):
         members = groups[key]
@@ -379,8 +387,8 @@ def run_pairs(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple
               max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
     """:func:`run_arms` with the pairs shared out across processes under ``accelerate launch``.
 
-    Each process runs its contiguous share of the (distinct) pairs and every process gets every
-    record back (:func:`prelogit.shard.run_sharded`); a pair's record does not depend on which
+    The (distinct) pairs are put in :func:`run_arms`' order (lockstep groups in sorted order), each
+    process runs a contiguous share of them and every process gets every record back (:func:`prelogit.shard.run_sharded`); a pair's record does not depend on which
     process ran it, since its generator is keyed by (seed, prompt id). As one plain process this is
     exactly ``run_arms`` on all pairs.
 
@@ -393,18 +401,13 @@ def run_pairs(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple
     """
     from .shard import run_sharded
 
-    pairs = list(dict.fromkeys((int(i), p) for i, p in pairs))
-    for pair in pairs:
-        if pair[1] not in rows_by_id:
-            raise ParameterError(f"pair {pair}: prompt id {pair[1]!r} is not in rows_by_id")
-        if not 0 <= pair[0] < len(configs):
-            raise ParameterError(f"pair {pair}: config index {pair[0]} is out of range (0 .. {len(configs) - 1})")
+    # checked and ordered before anything runs, so that every process fails alike or none does
+    groups = _lockstep_groups(configs, pairs, rows_by_id)
+    ordered = [pair for key in sorted(groups) for pair in groups[key]]
 
     def run(share: list[tuple[int, str]]) -> list[dict]:
         recs = run_arms(sampler, reward, configs, [rows_by_id[p] for p in dict.fromkeys(p for _, p in share)], share,
                         seed, max_prompts)
         return [recs[pair] for pair in share]
 
-    records = dict(zip(pairs, run_sharded(pairs, run)))
-    # sorted() is stable: groups by their lockstep key, the given order within a group, as run_arms returns them
-    return {pair: records[pair] for pair in sorted(pairs, key=lambda pair: _lockstep_key(*configs[pair[0]]))}
+    return dict(zip(ordered, run_sharded(ordered, run)))
