@@ -4,8 +4,11 @@ Every writer writes to a temporary file in the destination folder and renames it
 so an interrupted run leaves the previous file intact.
 
 Timing is the only part of a result that may differ between two runs with the same seed. Its keys
-follow one naming convention, :func:`is_timing_key`, so tests can compare runs with
-:func:`strip_timing`.
+follow one naming convention, :func:`is_timing_key`, and they live in one file per stage,
+``timing.json`` (:data:`TIMING_FILE`): :func:`write_json` and :func:`write_jsonl` drop timing keys
+from every other file, so a faithful re-run changes only the timing files. A stage's metrics are
+written by :func:`write_stage_metrics`: a short ``metrics.json`` of headline numbers (what
+``dvc metrics show`` prints), the details in ``summary.json`` and the wall clock in ``timing.json``.
 """
 
 from __future__ import annotations
@@ -77,20 +80,71 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
     return Path(path)
 
 
+#: The one file of a stage's folder that holds wall-clock time (see :func:`write_stage_metrics`).
+TIMING_FILE = "timing.json"
+
+#: At most this many numbers in a stage's ``metrics.json``, so that ``dvc metrics show`` and
+#: ``dvc exp show`` stay readable; everything else goes to ``summary.json``.
+MAX_HEADLINE = 15
+
+
+def _untimed(path: str | os.PathLike, obj: Any) -> Any:
+    """``obj`` without its timing keys, unless ``path`` is the timing file itself."""
+    return obj if Path(path).name == TIMING_FILE else strip_timing(obj)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented, key-sorted JSON (small diffs under DVC), atomically."""
+    """Write ``obj`` as indented, key-sorted JSON (small diffs under DVC), atomically.
+
+    Timing keys (:func:`is_timing_key`) are dropped, except in ``timing.json``: timing lives in
+    its own file so that two runs with the same seed write byte-identical results.
+    """
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_plain(obj), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(_plain(_untimed(path, obj)), indent=2, sort_keys=True) + "\n")
     return Path(path)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Write one JSON object per line, atomically."""
+    """Write one JSON object per line, atomically, without timing keys (as :func:`write_json`)."""
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             for row in rows:
-                f.write(json.dumps(_plain(row), sort_keys=True) + "\n")
+                f.write(json.dumps(_plain(_untimed(path, row)), sort_keys=True) + "\n")
     return Path(path)
+
+
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings the way ``dvc metrics show`` does (``a.b``), lists kept whole."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def write_stage_metrics(out: str | os.PathLike, headline: dict, details: dict, timing: dict) -> None:
+    """Write a stage's three summary files into the folder ``out``.
+
+    - ``metrics.json``: ``headline``, at most :data:`MAX_HEADLINE` numbers (decisions, the main
+      reward at the stage's N, ESS, ...), no timing; DVC's ``metrics`` of the stage;
+    - ``summary.json``: ``details``, everything a later stage or a reader needs (timing dropped);
+    - ``timing.json``: ``timing``, the stage's wall clock in seconds (keys named by
+      :func:`is_timing_key`), the only file that a faithful re-run changes.
+    """
+    leaves = _leaves(_plain(headline))
+    if len(leaves) > MAX_HEADLINE:
+        raise ValueError(f"metrics.json would hold {len(leaves)} values (at most {MAX_HEADLINE}): "
+                         f"move the details to summary.json")
+    timed = [k for k in leaves if any(is_timing_key(part) for part in k.split("."))]
+    untimed = [k for k in _leaves(_plain(timing)) if not any(is_timing_key(part) for part in k.split("."))]
+    if timed or untimed:
+        raise ValueError(f"timing belongs in {TIMING_FILE} and only there: headline timing keys {timed}, "
+                         f"timing keys that are not named as timing {untimed} (see is_timing_key)")
+    out = Path(out)
+    write_json(out / "summary.json", details)
+    write_json(out / TIMING_FILE, timing)
+    write_json(out / "metrics.json", headline)
 
 
 def is_timing_key(key: str) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import nbformat
 
-from .io import atomic_path
+from .io import atomic_path, save_figure
 
 
 def scrub(path: str | Path) -> None:
@@ -48,6 +48,34 @@ def relocate(path: str | Path, old: str, new: str) -> None:
         return
     with atomic_path(path) as tmp:
         tmp.write_text(text.replace(old, new))
+
+
+def show_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save ``fig`` as the PNG ``path`` and display that very file in the notebook.
+
+    The executed notebook then carries the saved bytes as its ``image/png`` output (a test checks
+    it), whatever the matplotlib backend (the stages use Agg, which shows nothing by itself); the
+    figure is closed so that it is not shown twice.
+    """
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    path = save_figure(fig, path, dpi=dpi)
+    plt.close(fig)
+    display(Image(filename=str(path)))
+    return path
+
+
+def show_markdown(text: str, path: str | Path | None = None) -> str:
+    """Display ``text`` as rendered Markdown (a table renders as a table) and, given ``path``,
+    write it there too (atomically)."""
+    from IPython.display import Markdown, display
+
+    if path is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text if text.endswith("\n") else text + "\n")
+    display(Markdown(text))
+    return text
 
 
 if __name__ == "__main__":
