@@ -90,6 +90,7 @@ MAX_HEADLINE = 15
 
 def _untimed(path: str | os.PathLike, obj: Any) -> Any:
     """``obj`` without its timing keys, unless ``path`` is the timing file itself."""
+    obj = _plain(obj)  # keys become strings first (a results dict may be keyed by arm index)
     return obj if Path(path).name == TIMING_FILE else strip_timing(obj)
 
 
@@ -100,7 +101,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     its own file so that two runs with the same seed write byte-identical results.
     """
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_plain(_untimed(path, obj)), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(_untimed(path, obj), indent=2, sort_keys=True) + "\n")
     return Path(path)
 
 
@@ -109,7 +110,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             for row in rows:
-                f.write(json.dumps(_plain(_untimed(path, row)), sort_keys=True) + "\n")
+                f.write(json.dumps(_untimed(path, row), sort_keys=True) + "\n")
     return Path(path)
 
 
