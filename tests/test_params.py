@@ -29,19 +29,17 @@ def test_dvc_stage_tracks_the_sections_it_reads(stage):
     # a generating stage also tracks how it is launched: in float32 the sharding can move a result by rounding
     launch = ["launch"] if stage in params.SHARDED_STAGES else []
     assert spec["params"] == params.STAGES[stage]["sections"] + launch
-    if launch:
-        assert {"src/prelogit/shard.py", "src/prelogit/runs.py", "src/prelogit/models.py"} <= set(spec["deps"])
-    assert "src/prelogit/launch.py" in spec["deps"]
     assert spec["cmd"] == f"python -m prelogit.stage {stage}"
-    assert "src/prelogit/stage.py" in spec["deps"]
-    assert f"notebooks/{stage}.ipynb" in spec["deps"]
+    # the code deps (notebook, stage wrapper, every module imported) are tests/test_dvc_graph.py's
     for path in params.STAGES[stage]["paths"].values():
         if Path(path).suffix:
             assert path in spec["deps"], f"{stage} reads {path} but does not list it as a dep"
 
 
-def test_every_dvc_stage_has_a_schema():
-    assert set(DVC["stages"]) == set(params.STAGES)
+def test_every_notebook_stage_has_a_schema():
+    # the other stages run a script (the frozen sampling benchmark) and have no parameters to check
+    notebook_stages = {s for s, spec in DVC["stages"].items() if spec["cmd"].startswith("python -m prelogit.stage ")}
+    assert notebook_stages == set(params.STAGES)
 
 
 def test_shared_sections_have_the_same_smoke_values_in_every_notebook():

@@ -88,11 +88,14 @@ def _results(repo: Path) -> dict[str, str]:
 
 def copy_repository(dest: Path) -> Path:
     """The repository's files (tracked and untracked-but-not-ignored) copied to ``dest``, without results/
-    and dvc.lock: a pipeline that runs there starts from nothing and never touches the checkout."""
+    and dvc.lock: a pipeline that runs there starts from nothing and never touches the checkout. The
+    sampling benchmark's file is kept: its stage is frozen (never run by dvc repro, which only records
+    the file as it is, and fails if it is missing)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
-        if f.startswith("results/") or f == "dvc.lock" or not (ROOT / f).is_file():
+        if (f.startswith("results/") and not f.startswith("results/benchmarks/")) or f == "dvc.lock" \
+                or not (ROOT / f).is_file():
             continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dest / f)
