@@ -36,3 +36,21 @@ def test_write_stage_metrics_refuses_a_long_or_timed_headline(tmp_path, headline
     with pytest.raises(ValueError, match=message):
         io.write_stage_metrics(tmp_path, headline, {}, timing)
     assert not list(tmp_path.iterdir())  # checked before anything is written
+
+
+def test_scrub_merges_a_cells_consecutive_stream_outputs(tmp_path):
+    """Where the kernel split a cell's printing is timing; scrubbed, two runs give the same notebook."""
+    import nbformat
+
+    from prelogit.nbtools import scrub
+
+    cell = nbformat.v4.new_code_cell("print('a'); print('b')")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="a\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="b\n"),
+                    nbformat.v4.new_output("stream", name="stderr", text="warning\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="c\n")]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
+    scrub(path)
+    outputs = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert [(o["name"], o["text"]) for o in outputs] == [("stdout", "a\nb\n"), ("stderr", "warning\n"), ("stdout", "c\n")]

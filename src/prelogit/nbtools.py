@@ -19,13 +19,16 @@ from .io import atomic_path, save_figure
 def scrub(path: str | Path) -> None:
     """Remove papermill's timestamps and durations (notebook and cells) and execution timing.
 
-    The injected parameters cell also gets a fixed id instead of papermill's random one.
+    The injected parameters cell also gets a fixed id instead of papermill's random one, and each
+    cell's consecutive outputs of one stream are merged (where the kernel split them is timing).
     """
     nb = nbformat.read(path, as_version=4)
     pm = nb.metadata.get("papermill", {})
     for key in ("start_time", "end_time", "duration", "environment_variables"):
         pm.pop(key, None)
     for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = _coalesce_streams(cell.outputs)
         cpm = cell.metadata.get("papermill", {})
         for key in ("start_time", "end_time", "duration"):
             cpm.pop(key, None)
@@ -34,6 +37,24 @@ def scrub(path: str | Path) -> None:
             cell.id = "injected-parameters"  # papermill gives the cell a random id on every run
     with atomic_path(path) as tmp:
         nbformat.write(nb, str(tmp))
+
+
+def _coalesce_streams(outputs: list) -> list:
+    """Merge consecutive outputs of the same stream (stdout, stderr) into one.
+
+    The kernel splits a cell's printing into stream outputs wherever it happened to flush, which
+    depends on timing; merged, two identical runs give identical notebooks (nbconvert's
+    ``coalesce_streams`` does the same).
+    """
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None and prev.get("output_type") == "stream"
+                and prev.get("name") == out.get("name")):
+            prev["text"] = prev["text"] + out["text"]
+        else:
+            merged.append(out)
+    return merged
 
 
 def relocate(path: str | Path, old: str, new: str) -> None:

@@ -9,9 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-# Text-mode tqdm: it renders in JupyterLab and, through papermill --log-output, in the terminal;
-# the widget version would show in the notebook only.
-from tqdm.std import tqdm
 
 from .io import read_jsonl
 from .metrics import distinct_ngram_diversity, expected_best_of_n
@@ -119,10 +116,5 @@ def mean_by(rows: list[dict], key: str, value: str) -> dict:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def progress(iterable, **kw):
-    """tqdm that shows in notebooks and terminals alike."""
-    return tqdm(iterable, **kw)
-
-
 __all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "bon_curve", "aisp_curve", "mean_by",
-           "progress", "distinct_ngram_diversity"]
+           "distinct_ngram_diversity"]
