@@ -1,6 +1,9 @@
 # Two commands for a fresh machine with Python 3.11:
 #   make repro   set everything up, then run the pipeline (dvc repro) on the embedded default
 #   make test    set everything up, then run the tests (unit, integration, nbval, pipeline)
+# make repro FORCE=1 runs every stage again (dvc repro --force); DRY=1 only prints what would run
+# (dvc repro --dry). Every recipe runs with .venv/bin first on PATH (below): DVC's stage command
+# `python -m prelogit.stage` must find the venv's python, which a bare .venv/bin/dvc does not give it.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,8 +24,13 @@ $(BIN)/.installed: pyproject.toml requirements-assets.txt
 
 setup: $(BIN)/.installed
 
+FORCE ?=
+DRY ?=
+# Only the value 1 switches an option on, so FORCE=0 means no.
+REPRO_FLAGS = $(if $(filter 1,$(FORCE)), --force)$(if $(filter 1,$(DRY)), --dry)
+
 repro: setup
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro$(REPRO_FLAGS)
 
 test: setup
 	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
