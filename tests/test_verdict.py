@@ -254,3 +254,21 @@ def test_an_interval_end_that_rounds_to_zero_keeps_its_sign():
     assert fmt_interval({"mean": -0.18, "lo": -0.35, "hi": -0.0012}) == "-0.18 [-0.35, -0.001]"
     assert fmt_interval({"mean": 0.0, "lo": -0.1, "hi": 0.00004}) == "+0.00 [-0.10, +0.00004]"
     assert fmt_interval({"mean": 0.0, "lo": -0.1, "hi": 0.0}) == "+0.00 [-0.10, +0.00]"
+
+
+def test_what_wins_separates_the_sampler_from_the_adaptation():
+    from prelogit.verdict import MIN_PROMPTS, what_wins
+
+    def cmp(lo, hi, n=MIN_PROMPTS):
+        return {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "n_prompts": n}
+
+    up, zero, down = cmp(0.2, 0.6), cmp(-0.2, 0.3), cmp(-0.9, -0.1)
+    assert what_wins(up, up) == "the adaptation and the sampler"
+    assert what_wins(up, zero) == "the adaptation"
+    assert what_wins(zero, up) == "the sampler"
+    assert what_wins(down, up) == "the sampler; the adaptation loses part of it"
+    assert what_wins(zero, zero) == what_wins(down, down) == "neither"
+    assert what_wins(cmp(0.2, 0.6, n=MIN_PROMPTS - 1), up).startswith("undecided")
+    real = compare([3.0, 4.0, 5.0, 6.0] * 3, [1.0, 1.5, 2.0, 3.0] * 3, n_boot=200)
+    same = compare([1.0, 2.0, 3.0, 4.0] * 3, [1.0, 2.0, 3.0, 4.0] * 3, n_boot=200)
+    assert what_wins(same, real) == "the sampler"

@@ -109,6 +109,12 @@ def render_readme_block(results: str | Path = "results") -> str:
               f"{_fmt(main['mean'])} [{_fmt(main['lo'])}, {_fmt(main['hi'])}] ({main['decision']}), so the paper's claim "
               f"that AISP beats best-of-N at equal N is **{head['verdict']}** on the embedded default. The evidence for "
               "why is below the tables and in `notebooks/figures.ipynb`."]
+    ww = fig.get("what_wins")
+    if ww:
+        ad, sa = ww["adaptation"], ww["sampler"]
+        lines[-1] += (f" **What wins: {ww['verdict']}.** AISP minus its frozen-U twin (the same sampler and noise, U held "
+                      f"at 0) is {_fmt(ad['mean'])} [{_fmt(ad['lo'])}, {_fmt(ad['hi'])}] ({ad['decision']}); the twin minus "
+                      f"best-of-N {_fmt(sa['mean'])} [{_fmt(sa['lo'])}, {_fmt(sa['hi'])}] ({sa['decision']}), at N = {ww['N']}.")
     vm = next((v for v in fig["verdict"] if v["comparison"] == "MISVO - best-of-N" and v["N"] == main["N"]), None)
     am = next((v for v in fig["verdict"] if v["comparison"] == "AISP (tuned) - MISVO"), None)
     if vm and am:

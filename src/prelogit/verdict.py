@@ -132,6 +132,31 @@ def compare(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0, power:
     }
 
 
+def what_wins(adaptation: Mapping, sampler: Mapping) -> str:
+    """Which part of AISP its gain over best-of-N comes from, by the same interval rule.
+
+    Args:
+        adaptation: :func:`compare` of AISP minus its frozen-U twin (the same sampler, the same
+            noise, U held at 0): what moving U adds.
+        sampler: :func:`compare` of the frozen-U twin minus best-of-N: what decoding given
+            V ~ N(0, sigma^2 I) does by itself, before any adaptation.
+    Returns:
+        ``"the adaptation and the sampler"``, ``"the adaptation"``, ``"the sampler"`` (the
+        adaptation adds nothing detectable), ``"the sampler; the adaptation loses part of it"``
+        (AISP below its own frozen twin), ``"neither"``, or ``"undecided (fewer than MIN_PROMPTS
+        prompts)"``.
+    """
+    if _too_few(adaptation) or _too_few(sampler):
+        return f"undecided (fewer than {MIN_PROMPTS} prompts)"
+    adapt_lo, adapt_hi = _interval(adaptation)
+    samp_lo, _ = _interval(sampler)
+    if adapt_lo > 0:
+        return "the adaptation and the sampler" if samp_lo > 0 else "the adaptation"
+    if samp_lo > 0:
+        return "the sampler; the adaptation loses part of it" if adapt_hi < 0 else "the sampler"
+    return "neither"
+
+
 def _interval(cmp: Mapping) -> tuple[float, float]:
     if not isinstance(cmp, Mapping) or "lo" not in cmp or "hi" not in cmp:
         raise ParameterError(f"cmp must be a dict from compare() with keys 'lo' and 'hi', got {cmp!r}")
