@@ -34,6 +34,7 @@ def baseline() -> dict:
     p["bon"]["large_prompts"] = p["aisp"]["large_prompts"] = p["aisp"]["lit_prompts"] = 2
     p["aisp"]["variance_prompts"] = 2
     p["tune"].update(n_prompts=SPLITS["val"], rungs=[1, 2], claim_prompts=SPLITS["val"])
+    p["samplers"].update(n_prompts=SPLITS["val"], rungs=[1, 2], test_prompts=SPLITS["test"])
     p["recontrol"]["train_prompts"] = SPLITS["train"]
     p["theory"].update(gauss_split="train", gauss_prompts=SPLITS["train"])
     return p
@@ -142,6 +143,15 @@ CASES = [
     ("prepare", put("misvo.val_prompts", 3), "prepare.n_val = 2 but the misvo stage asks for misvo.val_prompts = 3"),
     ("prepare", put("prepare.source", "hh_rlhf"), "prepare.source_path must name the hh_rlhf data file"),
     ("bon", HF, "reward.name must name a sequence-classification reward model"),
+    ("samplers", put("samplers.rungs", [2, 3]), "samplers.rungs = [2, 3] must increase strictly and end at most at "
+                                                "samplers.n_prompts = 2"),
+    ("samplers", put("samplers.top_p", [0.9, 0]), "samplers.top_p[1] must be > 0 and <= 1, got 0"),
+    ("samplers", put("samplers.top_p", []), "give both or neither"),
+    ("samplers", both(put("samplers.temperature", []), put("samplers.top_p", []), put("samplers.sigma_rms", [])),
+     "samplers has no arm"),
+    ("samplers", put("samplers.tau", 30), "samplers.tau = 30 exceeds generation.max_new_tokens = 16"),
+    ("samplers", put("samplers.test_prompts", 5), "samplers.test_prompts = 5 but results/prepare/prompts.jsonl has 4 "
+                                                  "test prompts"),
     ("aisp", put("aisp.lit_prompts", 5), "aisp.lit_prompts = 5 exceeds aisp.n_prompts = 4"),
     # between sections
     ("aisp", put("aisp.lit_tau", 30), "aisp.lit_tau = 30 exceeds generation.max_new_tokens = 16: AISP controls "

@@ -1,7 +1,7 @@
 """How a generating stage is started: one plain process, or ``accelerate launch`` with P processes.
 
 params.yaml's ``launch`` section selects it for the stages in :data:`prelogit.params.SHARDED_STAGES`
-(bon, tune, aisp, misvo, args, recontrol)::
+(bon, tune, samplers, aisp, misvo, args, recontrol)::
 
     launch:
       launcher: python        # python | accelerate

@@ -130,6 +130,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
              "large_N": integer(1), "final_rollout": boolean, "lit_prompts": integer(0), "lit_sigma": POS,
              "lit_alpha": UNIT, "lit_lams": list_of(POS, 0), "lit_n": integer(1), "lit_tau": tau_value,
              "variance_prompts": integer(0), "variance_V": integer(2), "variance_reps": integer(2)},
+    # the best non-adaptive sampler (temperature x top_p, or greedy given V ~ N(0, sigma^2 I)), chosen on the
+    # validation prompts by successive halving as AISP is, then run on the test prompts (prelogit.samplers)
+    "samplers": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "temperature": list_of(POS, 0),
+                 "top_p": list_of(num(0, 1, low_open=True), 0), "sigma_rms": list_of(POS, 0), "tau": integer(1),
+                 "rungs": list_of(integer(1)), "eta": integer(2), "test_prompts": integer(1), "batch_size": integer(1)},
     "misvo": {"seed": SEED, "val_prompts": integer(1), "N": integer(2), "center": misvo_arm,
               "eta": list_of(num(0, low_open=True), 0), "lam": list_of(num(0), 0), "K": list_of(integer(2), 0),
               "fisher": list_of(choice("reference", "identity"), 0), "rungs": list_of(integer(1)),
@@ -167,6 +172,10 @@ STAGES: dict[str, dict[str, Any]] = {
              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                        "reward_head_path": "results/prepare/reward_head.safetensors",
                        "tuned_path": "results/tune/selected.json"}},
+    "samplers": {"sections": ["samplers", "model", "generation", "reward"],
+                 "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                           "reward_head_path": "results/prepare/reward_head.safetensors",
+                           "tuned_path": "results/tune/selected.json"}},
     "misvo": {"sections": ["misvo", "model", "generation", "reward"],
               "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                         "reward_head_path": "results/prepare/reward_head.safetensors",
@@ -181,13 +190,14 @@ STAGES: dict[str, dict[str, Any]] = {
     "figures": {"sections": ["figures"],
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
                           "tune_dir": "results/tune", "misvo_dir": "results/misvo",
-                          "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol"}},
+                          "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol",
+                          "samplers_dir": "results/samplers"}},
 }
 
 
 #: The stages that generate per prompt and can share their prompts out across processes
 #: (``launch`` section, :mod:`prelogit.shard`); the others always run as one plain process.
-SHARDED_STAGES = ("bon", "tune", "aisp", "misvo", "args", "recontrol")
+SHARDED_STAGES = ("bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol")
 
 
 def load(path: str | Path = "params.yaml") -> dict:
@@ -254,6 +264,18 @@ def _cross_checks(section: str, v: dict) -> None:
         for key, n in [("tune.center.n", v["center"]["n"])] + [(f"tune.n[{i}]", x) for i, x in enumerate(v["n"])]:
             if v["N"] % n:
                 raise ParameterError(f"{key} = {n} does not divide tune.N = {v['N']}; the budget is n x K")
+    if section == "samplers":
+        rungs = v["rungs"]
+        if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[-1] > v["n_prompts"]:
+            raise ParameterError(f"samplers.rungs = {rungs} must increase strictly and end at most at samplers.n_prompts "
+                                 f"= {v['n_prompts']} (they are cumulative prompt counts); fix samplers.rungs or raise "
+                                 "samplers.n_prompts")
+        if not (v["temperature"] and v["top_p"]) and not v["sigma_rms"]:
+            raise ParameterError("samplers has no arm: give samplers.temperature and samplers.top_p (both non-empty) "
+                                 "or samplers.sigma_rms")
+        if bool(v["temperature"]) != bool(v["top_p"]):
+            raise ParameterError(f"samplers.temperature = {v['temperature']} and samplers.top_p = {v['top_p']}: the "
+                                 "temperature arms are their cross product, so give both or neither")
     if section == "misvo":
         rungs = v["rungs"]
         if any(b <= a for a, b in zip(rungs, rungs[1:])) or rungs[-1] > v["val_prompts"]:
@@ -294,6 +316,7 @@ def stage_parameters(stage: str, params: dict) -> dict:
 PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
     "bon": [("bon.n_prompts", "test")],
     "tune": [("tune.n_prompts", "val")],
+    "samplers": [("samplers.n_prompts", "val"), ("samplers.test_prompts", "test")],
     "aisp": [("aisp.n_prompts", "test")],
     "misvo": [("misvo.val_prompts", "val"), ("misvo.n_prompts", "test")],
     "args": [("args.n_prompts", "test")],
@@ -332,6 +355,11 @@ def check_across_sections(stage: str, params: dict) -> None:
                 raise ParameterError(f"{key} = {tau} exceeds generation.max_new_tokens = {limit}: AISP controls "
                                      f"only generated tokens; lower {key} to at most {limit} "
                                      "(tau = max_new_tokens controls every generated token)")
+    if stage == "samplers":
+        limit, tau = params["generation"]["max_new_tokens"], params["samplers"]["tau"]
+        if params["samplers"]["sigma_rms"] and tau > limit:
+            raise ParameterError(f"samplers.tau = {tau} exceeds generation.max_new_tokens = {limit}: the noisy-greedy "
+                                 f"arms perturb only generated tokens; lower samplers.tau to at most {limit}")
     if stage == "misvo":
         gen, tune = params["generation"], params.get("tune")
         if gen["top_k"] != 0 or gen["top_p"] < 1:
