@@ -115,6 +115,11 @@ def render_readme_block(results: str | Path = "results") -> str:
         lines[-1] += (f" **What wins: {ww['verdict']}.** AISP minus its frozen-U twin (the same sampler and noise, U held "
                       f"at 0) is {_fmt(ad['mean'])} [{_fmt(ad['lo'])}, {_fmt(ad['hi'])}] ({ad['decision']}); the twin minus "
                       f"best-of-N {_fmt(sa['mean'])} [{_fmt(sa['lo'])}, {_fmt(sa['hi'])}] ({sa['decision']}), at N = {ww['N']}.")
+        vt = ww.get("vs_tuned_sampler")
+        if vt:
+            lines[-1] += (f" Against the best non-adaptive sampler tuned on the same validation prompts "
+                          f"(`{ww['tuned_sampler']}`), AISP is {_fmt(vt['mean'])} [{_fmt(vt['lo'])}, {_fmt(vt['hi'])}] "
+                          f"({vt['decision']}).")
     vm = next((v for v in fig["verdict"] if v["comparison"] == "MISVO - best-of-N" and v["N"] == main["N"]), None)
     am = next((v for v in fig["verdict"] if v["comparison"] == "AISP (tuned) - MISVO"), None)
     if vm and am:
