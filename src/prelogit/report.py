@@ -23,7 +23,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 #: The README's stage-time table: (row label, stage, key of that stage's ``timing.json``).
 STAGE_TIMES: tuple[tuple[str, str, str], ...] = (
     ("prepare", "prepare", "seconds"), ("tune", "tune", "seconds"), ("bon", "bon", "seconds"),
-    ("aisp (tuned)", "aisp", "seconds"), ("aisp (literature)", "aisp", "lit_seconds"),
+    ("samplers (search)", "samplers", "search_seconds"), ("samplers (test)", "samplers", "test_seconds"),
+    ("aisp (tuned)", "aisp", "seconds"), ("aisp (frozen-U twins)", "aisp", "frozen_seconds"),
+    ("aisp (literature and its twins)", "aisp", "lit_seconds"),
     ("aisp (variance)", "aisp", "variance_seconds"), ("misvo (search)", "misvo", "search_seconds"),
     ("misvo (test)", "misvo", "seconds"), ("theory", "theory", "seconds"), ("args", "args", "seconds"),
     ("recontrol (training)", "recontrol", "train_seconds"), ("recontrol (decoding)", "recontrol", "decode_seconds"),
