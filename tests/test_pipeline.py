@@ -28,6 +28,7 @@ import psutil
 import pytest
 import yaml
 
+from prelogit import io as results_io
 from prelogit import params
 from prelogit.io import strip_timing
 
@@ -316,3 +317,32 @@ def test_two_processes_give_the_records_of_one(repo):
             f.write_bytes(before)
         for config in ("one.yaml", "two.yaml"):
             (repo / config).unlink(missing_ok=True)
+
+
+def test_metrics_and_a_one_parameter_experiment_fit_a_terminal(repo):
+    """``dvc metrics show`` holds headline numbers only, and after a real two-experiment run
+    ``dvc exp show --only-changed`` fits an ordinary terminal (issue 20: metrics a reader can diff)."""
+    metrics = _dvc(repo, "metrics", "show", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    files = next(iter(json.loads(metrics.stdout).values()))["data"]  # the workspace's entry (its key is "")
+    for name, content in files.items():
+        leaves = results_io._leaves(content["data"])
+        limit = results_io.MAX_HEADLINE
+        assert len(leaves) <= limit, f"{name} holds {len(leaves)} values in dvc metrics show (at most {limit})"
+    git = ["git", "-c", "user.name=prelogit-test", "-c", "user.email=test@example.invalid"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True, capture_output=True)
+    base = yaml.safe_load((repo / "params.yaml").read_text())["figures"]["n_boot"]
+    for n_boot in (base + 50, base + 100):
+        run = _dvc(repo, "exp", "run", "-S", f"figures.n_boot={n_boot}")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Running stage 'figures'" in run.stdout
+        assert sum(f"Running stage '{s}'" in run.stdout for s in params.STAGES) == 1, run.stdout  # figures only
+    show = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo, capture_output=True,
+                          text=True, env={**_env(repo), "COLUMNS": "400"})  # as wide as the table wants
+    assert show.returncode == 0, show.stderr
+    width = max(len(line) for line in show.stdout.splitlines())
+    print(show.stdout)
+    # an ordinary terminal: 200 columns (a maximised window on a laptop screen); the table holds the
+    # experiment names, the changed parameter, the headline values that moved and the stages' seconds
+    assert width <= 200, f"dvc exp show --only-changed is {width} columns wide:\n{show.stdout}"
