@@ -13,7 +13,7 @@ import torch
 from prelogit import theory
 from prelogit.checks import ParameterError
 from prelogit.control import (effective_sample_size, importance_weights, likelihood_ratio_coefficient,
-                              log_weights, update_mean)
+                              log_weight_terms, log_weights, update_mean)
 
 FALSE_ALARM = 1e-3
 F64 = torch.float64
@@ -89,6 +89,19 @@ def test_log_weights_are_the_exact_likelihood_ratio_up_to_a_constant():
     log_q = -((V - U) ** 2).sum((1, 2)) / (2 * sigma**2)
     diff = s - (r / lam + log_p - log_q)
     assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-9)
+
+
+def test_log_weight_terms_are_the_reward_and_the_likelihood_ratio_and_make_up_the_log_weights():
+    r, V, U = _inputs()
+    sigma, lam, alpha = 0.7, 0.3, 0.5
+    reward_term, lr_term = log_weight_terms(r, V, U, sigma, lam, alpha, "mppi")
+    # the same float64 operations as log_weights, so the difference is exact
+    assert torch.equal(reward_term - lr_term, log_weights(r, V, U, sigma, lam, alpha, "mppi"))
+    assert torch.allclose(reward_term, r.double() / lam, atol=1e-12)
+    expected = (1 - alpha) * (V.double() * U.double()).sum((1, 2)) / sigma**2
+    assert torch.allclose(lr_term, expected, atol=1e-9)
+    # at U = 0 (the first iteration, and the frozen-U twin) the weights follow the reward alone
+    assert torch.count_nonzero(log_weight_terms(r, V, torch.zeros_like(U), sigma, lam)[1]) == 0
 
 
 def test_mppi_alpha_one_ignores_the_control_cost():

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .checks import ParameterError, check_aisp_params, check_choice, check_number
-from .control import effective_sample_size, importance_weights, update_mean
+from .control import effective_sample_size, importance_weights, log_weight_terms, update_mean
 from .metrics import CostMeter
 from .rewards import RewardModel, check_scores
 from .sampling import Generation, PrelogitSampler
@@ -203,9 +203,13 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                            "chain": i_best // n}
             rec = {"k": k, "samples_so_far": B * n * k, "rewards": r.tolist(), "responses": g.texts,
                    "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
-                   "best_so_far": dict(best[p])}
+                   "sd_reward_term": [], "sd_lr_term": [], "best_so_far": dict(best[p])}
             for b in range(B):
                 lam_eff = c.lam if c.lam_mode == "absolute" else c.lam * max(float(r[b].std(unbiased=False)), 1e-8)
+                # what the weights follow: the spread of r / lam against that of the likelihood-ratio term
+                reward_term, lr_term = log_weight_terms(r[b], V[p][b], U[p][b], c.sigma, lam_eff, c.alpha, c.alpha_mode)
+                rec["sd_reward_term"].append(float(reward_term.std(unbiased=False)))
+                rec["sd_lr_term"].append(float(lr_term.std(unbiased=False)))
                 w = importance_weights(r[b], V[p][b], U[p][b], c.sigma, lam_eff, c.alpha, c.alpha_mode)
                 U[p][b] = update_mean(U[p][b], V[p][b], w, c.alpha, c.alpha_mode)
                 rec["weights"].append(w.tolist())
@@ -239,7 +243,9 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
     Returns:
         A JSON-ready record: ``best`` (response, reward, iteration, chain), ``iterations`` (per
         iteration and chain: rewards (n,), weights (n,), ESS, ||U||, KL(Q_U||P), effective lambda,
-        the responses, and the best-so-far), ``final_rollout`` (per chain: the response generated from
+        the sds over the n samples of the log-weights' reward and likelihood-ratio terms
+        (``sd_reward_term``, ``sd_lr_term``: :func:`prelogit.control.log_weight_terms`, U before the
+        update), the responses, and the best-so-far), ``final_rollout`` (per chain: the response generated from
         the final mean U without noise, its reward and ``kl``, the Monte-Carlo term of the
         sequence-level KL(pi_U || pi_ref) of the policy steered by U; see
         :attr:`prelogit.sampling.Generation.kl`), ``kl_final`` (the control-space KL(Q_U || P) of the

@@ -31,10 +31,13 @@ def likelihood_ratio_coefficient(alpha: float, alpha_mode: str) -> float:
     return 1.0 - alpha if alpha_mode == "mppi" else 1.0
 
 
-def log_weights(rewards: torch.Tensor, V: torch.Tensor, U: torch.Tensor, sigma: float, lam: float,
-                alpha: float = 0.0, alpha_mode: str = "mppi") -> torch.Tensor:
-    """Unnormalised log-weights s_i = r_i / lam - c * sum_t u_t . v_{t,i} / sigma^2, shape (n,).
+def log_weight_terms(rewards: torch.Tensor, V: torch.Tensor, U: torch.Tensor, sigma: float, lam: float,
+                     alpha: float = 0.0, alpha_mode: str = "mppi") -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the log-weights, each (n,) float64: the reward term r_i / lam and the
+    likelihood-ratio term c * sum_t u_t . v_{t,i} / sigma^2, so that s = reward - likelihood ratio.
 
+    Their spreads over the n samples say what the weights follow: once the likelihood-ratio term
+    varies far more than the reward term, the weights follow the noise, not the reward.
     Computed in float64: r / lam is large when lam is small, and the softmax that follows only
     needs differences, which float32 would round away.
     """
@@ -51,7 +54,15 @@ def log_weights(rewards: torch.Tensor, V: torch.Tensor, U: torch.Tensor, sigma: 
     # sum over (t, j) of u_tj * v_itj; the ||u||^2 term of log p/q is the same for all i and
     # cancels in the softmax.
     cross = V.reshape(V.shape[0], -1).to(torch.float64) @ U.reshape(-1).to(torch.float64)
-    return r / lam - c * cross / sigma**2
+    return r / lam, c * cross / sigma**2
+
+
+def log_weights(rewards: torch.Tensor, V: torch.Tensor, U: torch.Tensor, sigma: float, lam: float,
+                alpha: float = 0.0, alpha_mode: str = "mppi") -> torch.Tensor:
+    """Unnormalised log-weights s_i = r_i / lam - c * sum_t u_t . v_{t,i} / sigma^2, shape (n,),
+    float64 (:func:`log_weight_terms`)."""
+    reward_term, lr_term = log_weight_terms(rewards, V, U, sigma, lam, alpha, alpha_mode)
+    return reward_term - lr_term
 
 
 def importance_weights(rewards: torch.Tensor, V: torch.Tensor, U: torch.Tensor, sigma: float, lam: float,

@@ -99,8 +99,9 @@ def mapping_of(keys: dict[str, Check], extra: tuple[str, ...] = ()) -> Check:
     return check
 
 
-#: An AISP arm as params.yaml gives it (tune.center).
-arm = mapping_of(ARM_KEYS)
+#: An AISP arm as params.yaml gives it (tune.center): every factor but the decoding given V, which
+#: is a reading (tune.readings) with a search of its own.
+arm = mapping_of({k: v for k, v in ARM_KEYS.items() if k != "decode"})
 
 #: Keys of one MISVO arm of the misvo stage's search (see :mod:`prelogit.misvo`) and their checks.
 MISVO_ARM_KEYS: dict[str, Check] = {"eta": num(0, low_open=True), "lam": num(0), "K": integer(2),
@@ -124,7 +125,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "tune": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "rms_samples": integer(1), "center": arm,
              "sigma_rms": list_of(POS, 0), "lam_absolute": list_of(POS, 0), "lam_std": list_of(POS, 0),
              "alpha_mppi": list_of(UNIT, 0), "alpha_step": list_of(UNIT, 0), "tau": list_of(tau_value, 0),
-             "n": list_of(integer(1), 0), "decode": list_of(choice("sample", "greedy"), 0), "n_random": integer(0),
+             "n": list_of(integer(1), 0), "readings": list_of(choice("sample", "greedy")), "n_random": integer(0),
              "rungs": list_of(integer(1)), "eta": integer(2), "claim_prompts": integer(0)},
     "aisp": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "large_prompts": integer(0),
              "large_N": integer(1), "final_rollout": boolean, "lit_prompts": integer(0), "lit_sigma": POS,
@@ -156,7 +157,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
                   "holdout": num(0, 1, high_open=True), "epochs": integer(1), "lr": POS, "batch_size": integer(1),
                   "hidden": integer(1), "layers": integer(1), "step_size": num(0), "n_steps": integer(0)},
     "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED,
-                "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS},
+                "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS,
+                "reading": choice("sample", "greedy")},
 }
 
 #: Sections each stage reads (its own first) and the fixed paths it reads and writes.
@@ -261,6 +263,8 @@ def _cross_checks(section: str, v: dict) -> None:
                                  f"{v['n_prompts']} (they are cumulative prompt counts)")
         if v["claim_prompts"] > v["n_prompts"]:
             raise ParameterError(f"tune.claim_prompts = {v['claim_prompts']} exceeds tune.n_prompts = {v['n_prompts']}")
+        if len(set(v["readings"])) != len(v["readings"]):
+            raise ParameterError(f"tune.readings = {v['readings']} repeats a reading; list each of sample, greedy once")
         for key, n in [("tune.center.n", v["center"]["n"])] + [(f"tune.n[{i}]", x) for i, x in enumerate(v["n"])]:
             if v["N"] % n:
                 raise ParameterError(f"{key} = {n} does not divide tune.N = {v['N']}; the budget is n x K")
@@ -360,6 +364,11 @@ def check_across_sections(stage: str, params: dict) -> None:
         if params["samplers"]["sigma_rms"] and tau > limit:
             raise ParameterError(f"samplers.tau = {tau} exceeds generation.max_new_tokens = {limit}: the noisy-greedy "
                                  f"arms perturb only generated tokens; lower samplers.tau to at most {limit}")
+    if stage == "figures" and isinstance(params.get("tune"), dict):
+        validate_section(params, "tune")
+        if params["figures"]["reading"] not in params["tune"]["readings"]:
+            raise ParameterError(f"figures.reading = {params['figures']['reading']!r} is not among tune.readings = "
+                                 f"{params['tune']['readings']}; detail one of the readings that were run")
     if stage == "misvo":
         gen, tune = params["generation"], params.get("tune")
         if gen["top_k"] != 0 or gen["top_p"] < 1:

@@ -248,6 +248,63 @@ def successive_halving(n_arms: int, prompt_ids: list[str], rungs: list[int], eta
             "evaluations": evaluations}
 
 
+READINGS = ("sample", "greedy")
+
+
+def reading_arms(center: dict, sweeps: dict[str, list], readings: Sequence[str], n_random: int,
+                 seed: int) -> tuple[list[dict], dict[str, list[int]]]:
+    """The arms of one search per reading of the decoding given V, in one list.
+
+    The decoding given V (``sample`` or ``greedy``, spec section 1) defines the sampler, so each
+    reading is its own AISP variant: its arms are :func:`candidate_arms` of the center with that
+    decoding, and the tune stage runs successive halving within each reading, never between them.
+
+    Args:
+        center: the factors of the center arm except ``decode`` (a ``decode`` in it is replaced).
+        sweeps: as for :func:`candidate_arms`, without ``decode``.
+        readings: the readings, distinct, each ``sample`` or ``greedy``.
+        n_random, seed: as for :func:`candidate_arms` (the same random arms in every reading).
+    Returns:
+        (arms, blocks): every reading's arms in the order of ``readings``, each labelled
+        ``"<reading>: <label>"`` and its center first; ``blocks[reading]`` the indices of its arms.
+    Raises:
+        ParameterError: an unknown or repeated reading, no reading, or a ``decode`` sweep.
+    """
+    if isinstance(readings, (str, bytes)) or not readings or len(set(readings)) != len(readings) \
+            or any(r not in READINGS for r in readings):
+        raise ParameterError(f"tune.readings must be distinct values among {', '.join(READINGS)}, got {readings!r}")
+    if "decode" in sweeps:
+        raise ParameterError("the decoding given V is a reading (tune.readings), not a sweep; drop the decode sweep")
+    arms: list[dict] = []
+    blocks: dict[str, list[int]] = {}
+    for reading in readings:
+        block = candidate_arms({**center, "decode": reading}, sweeps, n_random, seed)
+        blocks[reading] = list(range(len(arms), len(arms) + len(block)))
+        arms += [{**a, "label": f"{reading}: {a['label']}"} for a in block]
+    return arms, blocks
+
+
+def halving_within(block: Sequence[int], prompt_ids: list[str], rungs: list[int], eta: int,
+                   evaluate: Evaluate) -> dict:
+    """:func:`successive_halving` over the arms ``block`` (indices into a longer arm list).
+
+    One search per reading runs over that reading's arms only (see :func:`reading_arms`), while
+    ``evaluate`` and the returned search use the indices of the whole list: ``rungs`` (their
+    ``arms`` and ``means``), ``scores`` and ``selected`` name arms by their index in it.
+    """
+    block = list(block)
+
+    def local(js: list[int], pids: list[str]) -> dict[tuple[int, str], float]:
+        got = evaluate([block[j] for j in js], pids)
+        return {(j, pid): got[(block[j], pid)] for j in js for pid in pids}
+
+    s = successive_halving(len(block), prompt_ids, rungs, eta, local)
+    return {"rungs": [{**r, "arms": [block[a] for a in r["arms"]], "means": {block[a]: m for a, m in r["means"].items()}}
+                      for r in s["rungs"]],
+            "scores": {block[a]: v for a, v in s["scores"].items()}, "selected": block[s["selected"]],
+            "evaluations": s["evaluations"]}
+
+
 def claim_arms(arms: list[dict]) -> list[int]:
     """Indices of the arms the paper's hyper-parameter claims compare, all one-factor variations of
     the center (``arms[0]``): the center, every arm that changes only sigma, the smallest and the
