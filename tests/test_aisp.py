@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from prelogit.aisp import AISPConfig, prompt_generator, run_aisp, run_best_of_n
+from prelogit.aisp import AISPConfig, frozen_twin, prompt_generator, run_aisp, run_best_of_n
 from prelogit.checks import ParameterError
 from prelogit.rewards import RewardError
 from prelogit.sampling import PrelogitSampler
@@ -63,6 +63,21 @@ def test_aisp_is_deterministic_for_a_seed(sampler):
     b = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(5, 1))
     c = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(6, 1))
     assert a["iterations"] == b["iterations"] and a["iterations"] != c["iterations"]
+
+
+def test_frozen_twin_keeps_U_at_zero_and_shares_the_first_iteration(sampler):
+    """The twin draws the same noise in the same order with U held at 0: its first iteration is AISP's
+    own, every ||U|| is 0, and its later draws are those of U = 0 (so AISP - twin is the adaptation)."""
+    cfg = AISPConfig(sigma=0.5, lam=0.05, alpha=0.5, alpha_mode="mppi", n=4, K=3, tau=3)
+    twin = frozen_twin(cfg)
+    assert (twin.sigma, twin.n, twin.K, twin.tau, twin.lam) == (cfg.sigma, cfg.n, cfg.K, cfg.tau, cfg.lam)
+    a = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(0, 0))
+    f = run_aisp(sampler, VowelShare(), PROMPT, PROMPT, twin, prompt_generator(0, 0))
+    assert f["iterations"][0]["responses"] == a["iterations"][0]["responses"]
+    assert all(u == 0.0 for it in f["iterations"] for u in it["U_norm"])
+    assert all(s == 0.0 for it in f["iterations"] for s in it["sd_lr_term"])
+    assert any(u > 0 for it in a["iterations"] for u in it["U_norm"])  # AISP itself moves
+    assert f["final_rollout"] is None
 
 
 def test_one_iteration_without_control_is_best_of_n_on_the_same_samples(sampler):

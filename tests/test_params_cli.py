@@ -33,7 +33,7 @@ def baseline() -> dict:
     p["misvo"].update(val_prompts=SPLITS["val"], rungs=[1, 2])
     p["bon"]["large_prompts"] = p["aisp"]["large_prompts"] = p["aisp"]["lit_prompts"] = 2
     p["aisp"]["variance_prompts"] = 2
-    p["tune"].update(n_prompts=SPLITS["val"], rungs=[1, 2], claim_prompts=SPLITS["val"])
+    p["tune"].update(n_prompts=SPLITS["val"], holdout_prompts=0, rungs=[1, 2], claim_prompts=SPLITS["val"])
     p["samplers"].update(n_prompts=SPLITS["val"], rungs=[1, 2], test_prompts=SPLITS["test"])
     p["recontrol"]["train_prompts"] = SPLITS["train"]
     p["theory"].update(gauss_split="train", gauss_prompts=SPLITS["train"])
@@ -158,9 +158,14 @@ CASES = [
                                       "only generated tokens; lower aisp.lit_tau to at most 16 (tau = max_new_tokens "
                                       "controls every generated token)"),
     ("tune", put("tune.tau", [8, 128]), "tune.tau[1] = 128 exceeds generation.max_new_tokens = 16"),
-    ("prepare", put("tune.n_prompts", 3), "prepare.n_val = 2 but the tune stage asks for tune.n_prompts = 3"),
+    ("prepare", put("tune.n_prompts", 3), "prepare.n_val = 2 but the tune stage asks for "
+                                          "tune.n_prompts+tune.holdout_prompts = 3"),
+    ("prepare", put("tune.holdout_prompts", 1), "prepare.n_val = 2 but the tune stage asks for "
+                                                "tune.n_prompts+tune.holdout_prompts = 3 val prompts"),
+    ("tune", put("tune.readings", ["greedy", "greedy"]), "tune.readings = ['greedy', 'greedy'] repeats a reading"),
+    ("tune", put("tune.readings", ["beam"]), "tune.readings[0] must be one of 'sample', 'greedy', got 'beam'"),
     ("tune", both(put("tune.n_prompts", 3), put("tune.rungs", [1, 3])),
-     "tune.n_prompts = 3 but results/prepare/prompts.jsonl has 2 val prompts"),
+     "tune.n_prompts+tune.holdout_prompts = 3 but results/prepare/prompts.jsonl has 2 val prompts"),
     ("prepare", put("aisp.n_prompts", 100000), "prepare.n_test = 4 but the aisp stage asks for aisp.n_prompts = "
                                                "100000 test prompts; raise prepare.n_test or lower aisp.n_prompts"),
     ("prepare", put("recontrol.train_prompts", 20), "prepare.n_train = 3 but the recontrol stage asks for "

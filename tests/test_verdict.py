@@ -131,7 +131,9 @@ def test_equivalence_boundaries():
     assert equivalence_claim({"lo": -0.1, "hi": 0.2}, m) == "held"
     assert equivalence_claim({"lo": -0.1, "hi": 0.51}, m) == "inconclusive"
     assert equivalence_claim({"lo": -0.6, "hi": 0.6}, m) == "inconclusive"  # wider than the margin
-    assert equivalence_claim({"lo": 0.5, "hi": 0.9}, m) == "inconclusive"  # touches the margin
+    assert equivalence_claim({"lo": 0.5, "hi": 0.9}, m) == "higher (detected)"  # touches the margin, excludes 0
+    assert equivalence_claim({"lo": -0.7, "hi": -0.1}, m) == "lower (detected)"  # straddles -m, excludes 0
+    assert equivalence_claim({"lo": -0.7, "hi": 0.0}, m) == "inconclusive"  # reaches 0: nothing detected
     assert equivalence_claim({"lo": 0.51, "hi": 0.9}, m) == "not held"
     assert equivalence_claim({"lo": -0.9, "hi": -0.51}, m) == "not held"
     # a clear superiority can still be an equivalence within a generous margin

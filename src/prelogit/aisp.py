@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -70,6 +70,15 @@ class AISPConfig:
     def budget(self) -> int:
         """Samples used for selection, B * n * K (the final rollouts are extra and logged apart)."""
         return self.B * self.n * self.K
+
+
+def frozen_twin(cfg: AISPConfig) -> AISPConfig:
+    """The configuration with U held at 0 for every draw: the ``step`` reading with step size 0 leaves
+    the mean where it starts, (1 - 0) U + 0 U_hat = U = 0. The same sigma, tau, n, K and decoding
+    given V and, drawn from the same per-prompt generator in the same order, the same noise: AISP
+    minus its twin is what the adaptation of U adds. With n K draws at U = 0 it is also the K = 1
+    limit (n = N), and the lambda -> 0 limit of a search that cannot move U."""
+    return replace(cfg, alpha=0.0, alpha_mode="step", final_rollout=False)
 
 
 def prompt_generator(seed: int, key: int | str) -> torch.Generator:

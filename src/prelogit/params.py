@@ -122,7 +122,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
                 "reward_seed": SEED},
     "bon": {"seed": SEED, "n_prompts": integer(1), "max_samples": integer(1), "large_prompts": integer(0),
             "large_samples": integer(1), "budgets": list_of(integer(1)), "batch_size": integer(1)},
-    "tune": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "rms_samples": integer(1), "center": arm,
+    "tune": {"seed": SEED, "n_prompts": integer(1), "holdout_prompts": integer(0), "N": integer(1), "rms_samples": integer(1), "center": arm,
              "sigma_rms": list_of(POS, 0), "lam_absolute": list_of(POS, 0), "lam_std": list_of(POS, 0),
              "alpha_mppi": list_of(UNIT, 0), "alpha_step": list_of(UNIT, 0), "tau": list_of(tau_value, 0),
              "n": list_of(integer(1), 0), "readings": list_of(choice("sample", "greedy")), "n_random": integer(0),
@@ -157,8 +157,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
                   "holdout": num(0, 1, high_open=True), "epochs": integer(1), "lr": POS, "batch_size": integer(1),
                   "hidden": integer(1), "layers": integer(1), "step_size": num(0), "n_steps": integer(0)},
     "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED,
-                "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS,
-                "reading": choice("sample", "greedy")},
+                "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS},
 }
 
 #: Sections each stage reads (its own first) and the fixed paths it reads and writes.
@@ -319,7 +318,7 @@ def stage_parameters(stage: str, params: dict) -> dict:
 #: Prompt counts each stage reads from the prepared prompts file: (section.key, split, or the key naming it).
 PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
     "bon": [("bon.n_prompts", "test")],
-    "tune": [("tune.n_prompts", "val")],
+    "tune": [("tune.n_prompts+tune.holdout_prompts", "val")],
     "samplers": [("samplers.n_prompts", "val"), ("samplers.test_prompts", "test")],
     "aisp": [("aisp.n_prompts", "test")],
     "misvo": [("misvo.val_prompts", "val"), ("misvo.n_prompts", "test")],
@@ -331,9 +330,9 @@ PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
 
 def _prompt_counts(stage: str, params: dict) -> list[tuple[str, int, str]]:
     """``(key, number asked for, split)`` for every prompt count ``stage`` reads."""
-    def value(key: str) -> Any:
-        section, name = key.split(".")
-        return params[section][name]
+    def value(key: str) -> Any:  # a key, or keys joined by "+" for prompts read one after the other
+        parts = [params[section][name] for section, name in (k.split(".") for k in key.split("+"))]
+        return parts[0] if len(parts) == 1 else sum(parts)
 
     return [(key, value(key), value(split) if "." in split else split) for key, split in PROMPT_COUNTS.get(stage, [])]
 
@@ -364,11 +363,6 @@ def check_across_sections(stage: str, params: dict) -> None:
         if params["samplers"]["sigma_rms"] and tau > limit:
             raise ParameterError(f"samplers.tau = {tau} exceeds generation.max_new_tokens = {limit}: the noisy-greedy "
                                  f"arms perturb only generated tokens; lower samplers.tau to at most {limit}")
-    if stage == "figures" and isinstance(params.get("tune"), dict):
-        validate_section(params, "tune")
-        if params["figures"]["reading"] not in params["tune"]["readings"]:
-            raise ParameterError(f"figures.reading = {params['figures']['reading']!r} is not among tune.readings = "
-                                 f"{params['tune']['readings']}; detail one of the readings that were run")
     if stage == "misvo":
         gen, tune = params["generation"], params.get("tune")
         if gen["top_k"] != 0 or gen["top_p"] < 1:

@@ -83,6 +83,15 @@ def _interval(row: dict) -> str:
     return f"{_fmt(row['mean'])} [{_fmt(row['lo'])}, {_fmt(row['hi'])}]"
 
 
+def _selection(reading: str, label: str, tune: dict) -> str:
+    """A reading's selected arm with its score on the search's prompts and on the held-out ones."""
+    val, held = tune["val_minus_bon_by_reading"][reading], tune["holdout_minus_bon_by_reading"][reading]
+    text = f"{reading}: `{label}` (minus best-of-N: {_interval(val)} on the {val['n_prompts']} prompts that selected it"
+    if held:
+        text += f", {_interval(held)} on {held['n_prompts']} held-out validation prompts"
+    return text + ")"
+
+
 def render_readme_block(results: str | Path = "results") -> str:
     """The README's results section, rendered from the committed results files.
 
@@ -102,7 +111,7 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"sampler, so each reading ({', '.join(fig['readings'])}) is its own AISP variant, tuned by its own "
                  f"successive halving on {tune['n_prompts']} validation prompts ({tune['n_arms']} arms in all, "
                  f"{tune['evaluations']} arm-prompt runs) and run on the test prompts with its frozen-U twin: "
-                 + ", ".join(f"{r}: `{label}`" for r, label in tune["selected_by_reading"].items())
+                 + "; ".join(_selection(r, label, tune) for r, label in tune["selected_by_reading"].items())
                  + f". Detailed below (search, claims, figures): the {reading} reading, sigma = {cfg['sigma']:.2f} "
                  f"({tune['selected_arm']['sigma_rms']} x the pre-logit RMS {tune['rms']:.2f}), lambda = {cfg['lam']} "
                  f"({cfg['lam_mode']}), alpha = {cfg['alpha']} ({cfg['alpha_mode']}), tau = {cfg['tau']}, "

@@ -35,6 +35,11 @@ from .checks import ParameterError, check_number
 from .metrics import paired_difference
 
 HELD, NOT_HELD, INCONCLUSIVE = "held", "not held", "inconclusive"
+#: Grades of an equivalence claim whose interval is neither inside nor outside the margin but
+#: excludes 0: a difference is detected, too small to rule comparability out.
+LOWER, HIGHER = "lower (detected)", "higher (detected)"
+#: Every grade a claim can get.
+GRADES = (HELD, NOT_HELD, INCONCLUSIVE, LOWER, HIGHER)
 NO_DIFFERENCE = "no difference detected"
 #: Fewest prompts on which a claim can be held or not held (with 3 prompts, say, the bootstrap
 #: distribution of the mean has at most 10 distinct values and its interval is far too narrow).
@@ -189,7 +194,9 @@ def equivalence_claim(cmp: Mapping, margin: float) -> str:
 
     ``margin`` (> 0, units of the compared values) must be stated before the run.
     "held" if the whole interval lies inside [-margin, margin]; "not held" if it lies entirely
-    outside it (lo > margin or hi < -margin); else "inconclusive".
+    outside it (lo > margin or hi < -margin); otherwise "lower (detected)" / "higher (detected)"
+    if the interval still excludes 0 (a lies below / above b, by an amount the prompts cannot
+    place inside or outside the margin), else "inconclusive".
     """
     lo, hi = _interval(cmp)
     check_number("margin", margin, low=0, low_open=True)
@@ -199,6 +206,10 @@ def equivalence_claim(cmp: Mapping, margin: float) -> str:
         return HELD
     if lo > margin or hi < -margin:
         return NOT_HELD
+    if hi < 0:
+        return LOWER
+    if lo > 0:
+        return HIGHER
     return INCONCLUSIVE
 
 
