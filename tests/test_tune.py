@@ -11,8 +11,8 @@ from prelogit.sampling import PrelogitSampler
 from toy_rewards import VowelShare
 
 from prelogit.misvo import MISVOConfig, run_misvo_many
-from prelogit.tune import (FACTORS, arm_config, candidate_arms, claim_arms, one_factor_arms, run_arms, run_pairs,
-                           successive_halving)
+from prelogit.tune import (FACTORS, arm_config, candidate_arms, claim_arms, halving_within, one_factor_arms,
+                           reading_arms, run_arms, run_pairs, successive_halving)
 
 CENTER = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
           "n": 16, "decode": "sample"}
@@ -144,6 +144,52 @@ def test_successive_halving_selects_the_best_arm_on_the_schedule():
             assert math.isclose(r["means"][a], sum(vals) / len(vals))
     assert sorted(res["scores"][3]) == sorted(prompts[:32])  # the selected arm covers the whole last rung
     assert sum(len(s) for s in res["scores"].values()) == res["evaluations"]
+
+
+def test_reading_arms_give_each_reading_its_own_block_of_the_same_arms():
+    center = {k: v for k, v in CENTER.items() if k != "decode"}
+    sweeps = {k: v for k, v in SWEEPS.items() if k != "decode"}
+    arms, blocks = reading_arms(center, sweeps, ["sample", "greedy"], n_random=3, seed=1)
+    assert list(blocks) == ["sample", "greedy"]
+    assert blocks["sample"] + blocks["greedy"] == list(range(len(arms)))  # contiguous, in the order given
+    for reading, block in blocks.items():
+        alone = candidate_arms({**center, "decode": reading}, sweeps, n_random=3, seed=1)
+        assert [arms[i] for i in block] == [{**a, "label": f"{reading}: {a['label']}"} for a in alone]
+        assert all(arms[i]["decode"] == reading for i in block)
+        assert arms[block[0]]["label"] == f"{reading}: center"
+    # the same variations in both readings: only the decoding differs between the blocks
+    strip = lambda a: {k: v for k, v in a.items() if k not in ("label", "decode")}
+    assert [strip(arms[i]) for i in blocks["sample"]] == [strip(arms[i]) for i in blocks["greedy"]]
+
+
+@pytest.mark.parametrize("readings, sweeps, match", [
+    (["sample", "sample"], {}, "distinct"), ([], {}, "distinct"), (["beam"], {}, "distinct"),
+    (["greedy"], {"decode": ["sample"]}, "reading"),
+])
+def test_reading_arms_reject_bad_readings(readings, sweeps, match):
+    center = {k: v for k, v in CENTER.items() if k != "decode"}
+    with pytest.raises(ParameterError, match=match):
+        reading_arms(center, sweeps, readings, n_random=0, seed=0)
+
+
+def test_halving_within_a_block_is_successive_halving_on_those_arms_only():
+    quality = [5.0, 0.1, 0.4, -0.2, 0.9, 0.3, 0.0]  # arm 0 is the best overall but outside the block
+    block = [1, 2, 3, 4, 5, 6]
+    prompts = [f"p{j}" for j in range(8)]
+    seen = []
+
+    def evaluate(arms, ps):
+        seen.append(list(arms))
+        return {(a, p): quality[a] for a in arms for p in ps}
+
+    res = halving_within(block, prompts, [2, 4, 8], 2, evaluate)
+    assert all(set(arms) <= set(block) for arms in seen)  # never evaluates an arm of another reading
+    assert res["selected"] == 4 and set(res["scores"]) <= set(block)
+    local = successive_halving(len(block), prompts, [2, 4, 8], 2,
+                               lambda js, ps: {(j, p): quality[block[j]] for j in js for p in ps})
+    assert [[block[j] for j in r["arms"]] for r in local["rungs"]] == [r["arms"] for r in res["rungs"]]
+    assert res["evaluations"] == local["evaluations"]
+    assert res["rungs"][0]["means"] == {block[j]: m for j, m in local["rungs"][0]["means"].items()}
 
 
 def test_successive_halving_ties_go_to_the_lower_index_and_eta_2():
