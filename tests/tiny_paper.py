@@ -111,13 +111,13 @@ def write_tiny_reward(folder: Path, tokenizer_dir: str | Path, seed: int = 1) ->
 def tiny_params(smoke: dict, lm: Path, reward: Path, data: Path) -> dict:
     """The smoke parameters (every section) pointed at the tiny model, reward and HH-RLHF file.
 
-    The splits take 4 + 2 + 3 of the 14 dialogues; 96 prompt tokens leave room for SmolLM2's chat
+    The splits take 4 + 4 + 3 of the 14 dialogues (the tune stage reads its smoke 2 + 2 held out); 96 prompt tokens leave room for SmolLM2's chat
     template and its system prompt (about 30 tokens) and a two-turn dialogue.
     """
     p = copy.deepcopy(smoke)
     p["model"].update({"name": str(lm), "dtype": "float32", "device": "cpu", "threads": 1, "device_map": None})
     p["reward"] = {"kind": "hf", "name": str(reward), "dtype": "float32"}
-    p["prepare"].update({"source": "hh_rlhf", "source_path": str(data), "n_train": 4, "n_val": 2, "n_test": 3,
+    p["prepare"].update({"source": "hh_rlhf", "source_path": str(data), "n_train": 4, "n_val": 4, "n_test": 3,
                          "max_prompt_tokens": 96})
     p["launch"] = {"launcher": "python", "num_processes": 1, "config_file": None}
     return p
