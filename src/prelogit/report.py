@@ -17,6 +17,7 @@ import torch
 
 from .io import read_json
 from .metrics import bootstrap_ci, paired_difference
+from .verdict import fmt_interval
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -78,17 +79,12 @@ def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:+.{digits}f}"
 
 
-def _interval(row: dict) -> str:
-    """A paired difference as ``+0.12 [-0.05, +0.30]``."""
-    return f"{_fmt(row['mean'])} [{_fmt(row['lo'])}, {_fmt(row['hi'])}]"
-
-
 def _selection(reading: str, label: str, tune: dict) -> str:
     """A reading's selected arm with its score on the search's prompts and on the held-out ones."""
     val, held = tune["val_minus_bon_by_reading"][reading], tune["holdout_minus_bon_by_reading"][reading]
-    text = f"{reading}: `{label}` (minus best-of-N: {_interval(val)} on the {val['n_prompts']} prompts that selected it"
+    text = f"{reading}: `{label}` (minus best-of-N: {fmt_interval(val)} on the {val['n_prompts']} prompts that selected it"
     if held:
-        text += f", {_interval(held)} on {held['n_prompts']} held-out validation prompts"
+        text += f", {fmt_interval(held)} on {held['n_prompts']} held-out validation prompts"
     return text + ")"
 
 
@@ -124,19 +120,19 @@ def render_readme_block(results: str | Path = "results") -> str:
                      f"budget: successive halving over {ms['n_arms']} arms ({ms['evaluations']} arm-prompt runs) on "
                      f"{ms['val_prompts']} validation prompts selected `{ms['selected']}`, i.e. eta = {mc['eta']}, "
                      f"lambda = {mc['lam']}, K = {mc['K']} samples per step for {mc['N']} steps, Fisher: {mc['fisher']} "
-                     f"(validation: MISVO - best-of-{mc['K'] * mc['N']} {_fmt(mv['mean'])} [{_fmt(mv['lo'])}, {_fmt(mv['hi'])}]).")
+                     f"(validation: MISVO - best-of-{mc['K'] * mc['N']} {fmt_interval(mv)}).")
     ww = fig["what_wins"]
     one = []
     for r in fig["readings"]:
         head = next(c for c in fig["claims"] if c["claim"] == f"AISP > best-of-N at equal N ({r} reading)")
         w = ww["by_reading"][r]
         bo, ad, sa, vt = w["vs_bon"], w["adaptation"], w["sampler"], w["vs_tuned_sampler"]
-        text = (f"**{r} reading: what wins is {w['verdict']}.** AISP minus best-of-N {_interval(bo)} ({bo['decision']}: "
+        text = (f"**{r} reading: what wins is {w['verdict']}.** AISP minus best-of-N {fmt_interval(bo)} ({bo['decision']}: "
                 f"the paper's claim is **{head['verdict']}**); AISP minus its frozen-U twin (the same sampler and noise, U "
-                f"held at 0) {_interval(ad)} ({ad['decision']}); the twin minus best-of-N {_interval(sa)} ({sa['decision']})")
+                f"held at 0) {fmt_interval(ad)} ({ad['decision']}); the twin minus best-of-N {fmt_interval(sa)} ({sa['decision']})")
         if vt:
             text += (f"; AISP minus the best non-adaptive sampler tuned on the same validation prompts "
-                     f"(`{ww['tuned_sampler']}`) {_interval(vt)} ({vt['decision']})")
+                     f"(`{ww['tuned_sampler']}`) {fmt_interval(vt)} ({vt['decision']})")
         one.append(text + ".")
     main = ww["by_reading"][reading]["vs_bon"]
     lines += ["", f"**In one line,** at N = {main['N']} on {main['n_prompts']} test prompts: " + " ".join(one)
@@ -144,9 +140,8 @@ def render_readme_block(results: str | Path = "results") -> str:
     vm = next((v for v in fig["verdict"] if v["comparison"] == "MISVO - best-of-N" and v["N"] == main["N"]), None)
     am = next((v for v in fig["verdict"] if v["comparison"] == f"AISP ({reading}) - MISVO"), None)
     if vm and am:
-        lines[-1] += (f" MISVO minus best-of-N at the same N: {_fmt(vm['mean'])} [{_fmt(vm['lo'])}, {_fmt(vm['hi'])}] "
-                      f"({vm['decision']}); AISP ({reading}) minus MISVO at N = {am['N']}: {_fmt(am['mean'])} [{_fmt(am['lo'])}, "
-                      f"{_fmt(am['hi'])}] ({am['decision']}).")
+        lines[-1] += (f" MISVO minus best-of-N at the same N: {fmt_interval(vm)} ({vm['decision']}); AISP ({reading}) "
+                      f"minus MISVO at N = {am['N']}: {fmt_interval(am)} ({am['decision']}).")
     lines += ["", f"**Verdict** (paired bootstrap over prompts, {fig['ci_level']:.0%} intervals; the rule is stated in "
               "`notebooks/figures.ipynb`):", ""]
     lines += (figs / "verdict.md").read_text().rstrip("\n").splitlines()
