@@ -13,7 +13,7 @@ import torch
 from prelogit import theory
 from prelogit.checks import ParameterError
 from prelogit.control import (effective_sample_size, importance_weights, likelihood_ratio_coefficient,
-                              log_weight_terms, log_weights, update_mean)
+                              log_weight_terms, log_weights, normalised_weights, update_mean)
 
 FALSE_ALARM = 1e-3
 F64 = torch.float64
@@ -102,6 +102,17 @@ def test_log_weight_terms_are_the_reward_and_the_likelihood_ratio_and_make_up_th
     assert torch.allclose(lr_term, expected, atol=1e-9)
     # at U = 0 (the first iteration, and the frozen-U twin) the weights follow the reward alone
     assert torch.count_nonzero(log_weight_terms(r, V, torch.zeros_like(U), sigma, lam)[1]) == 0
+
+
+def test_weights_from_the_terms_are_the_importance_weights():
+    # the AISP loop normalises the terms it already recorded instead of recomputing them: the same
+    # float64 operations, so the weights are the same bits
+    r, V, U = _inputs()
+    for mode in ("mppi", "step"):
+        reward_term, lr_term = log_weight_terms(r, V, U, 0.7, 0.3, 0.5, mode)
+        w = normalised_weights(reward_term - lr_term, V.dtype)
+        assert w.dtype == V.dtype
+        assert torch.equal(w, importance_weights(r, V, U, 0.7, 0.3, 0.5, mode))
 
 
 def test_mppi_alpha_one_ignores_the_control_cost():

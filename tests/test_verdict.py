@@ -248,7 +248,7 @@ def test_claims_on_fewer_than_min_prompts_are_inconclusive_whatever_the_interval
     assert verdict.superiority_claim(few) == verdict.INCONCLUSIVE
     assert verdict.equivalence_claim(verdict.compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), 0.1) == verdict.INCONCLUSIVE
     assert verdict.best_of_claim({"a": [5.0, 6.0, 7.0], "b": [0.0, 0.5, 1.0]}, "a")["verdict"] == verdict.INCONCLUSIVE
-    many = verdict.compare([5.0, 6.0, 7.0] * 3, [0.0, 0.5, 1.0] * 3)
+    many = verdict.compare([5.0, 6.0, 7.0] * 11, [0.0, 0.5, 1.0] * 11)
     assert many["n_prompts"] >= verdict.MIN_PROMPTS and verdict.superiority_claim(many) == verdict.HELD
 
 
@@ -271,6 +271,6 @@ def test_what_wins_separates_the_sampler_from_the_adaptation():
     assert what_wins(down, up) == "the sampler; the adaptation loses part of it"
     assert what_wins(zero, zero) == what_wins(down, down) == "neither"
     assert what_wins(cmp(0.2, 0.6, n=MIN_PROMPTS - 1), up).startswith("undecided")
-    real = compare([3.0, 4.0, 5.0, 6.0] * 3, [1.0, 1.5, 2.0, 3.0] * 3, n_boot=200)
-    same = compare([1.0, 2.0, 3.0, 4.0] * 3, [1.0, 2.0, 3.0, 4.0] * 3, n_boot=200)
+    real = compare([3.0, 4.0, 5.0, 6.0] * 8, [1.0, 1.5, 2.0, 3.0] * 8, n_boot=200)
+    same = compare([1.0, 2.0, 3.0, 4.0] * 8, [1.0, 2.0, 3.0, 4.0] * 8, n_boot=200)
     assert what_wins(same, real) == "the sampler"

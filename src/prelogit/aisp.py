@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from .checks import ParameterError, check_aisp_params, check_choice, check_number
-from .control import effective_sample_size, importance_weights, log_weight_terms, update_mean
+from .control import effective_sample_size, log_weight_terms, normalised_weights, update_mean
 from .metrics import CostMeter
 from .rewards import RewardModel, check_scores
 from .sampling import Generation, PrelogitSampler
@@ -219,7 +219,7 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                 reward_term, lr_term = log_weight_terms(r[b], V[p][b], U[p][b], c.sigma, lam_eff, c.alpha, c.alpha_mode)
                 rec["sd_reward_term"].append(float(reward_term.std(unbiased=False)))
                 rec["sd_lr_term"].append(float(lr_term.std(unbiased=False)))
-                w = importance_weights(r[b], V[p][b], U[p][b], c.sigma, lam_eff, c.alpha, c.alpha_mode)
+                w = normalised_weights(reward_term - lr_term, V[p][b].dtype)  # = importance_weights(...)
                 U[p][b] = update_mean(U[p][b], V[p][b], w, c.alpha, c.alpha_mode)
                 rec["weights"].append(w.tolist())
                 rec["ess"].append(effective_sample_size(w))

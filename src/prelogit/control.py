@@ -80,8 +80,13 @@ def importance_weights(rewards: torch.Tensor, V: torch.Tensor, U: torch.Tensor, 
     Returns:
         (n,) weights in the dtype of ``V``.
     """
-    s = log_weights(rewards, V, U, sigma, lam, alpha, alpha_mode)
-    return torch.softmax(s, dim=0).to(V.dtype)
+    return normalised_weights(log_weights(rewards, V, U, sigma, lam, alpha, alpha_mode), V.dtype)
+
+
+def normalised_weights(log_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax of the log-weights ``log_w`` (n,), float64, in ``dtype``: the self-normalised
+    weights, for a caller that already holds the terms of :func:`log_weight_terms`."""
+    return torch.softmax(log_w, dim=0).to(dtype)
 
 
 def update_mean(U: torch.Tensor, V: torch.Tensor, weights: torch.Tensor, alpha: float = 0.0,

@@ -189,6 +189,9 @@ def render_readme_block(results: str | Path = "results") -> str:
     bench = results / "benchmarks" / "sampling.json"
     if bench.exists():
         lines += [""] + benchmark_lines(read_json(bench))
+    dtype_bench = results / "benchmarks" / "dtype.json"
+    if dtype_bench.exists():
+        lines += [""] + dtype_lines(read_json(dtype_bench))
     lines += ["", END]
     return "\n".join(lines)
 
@@ -219,6 +222,21 @@ def benchmark_lines(b: dict) -> list[str]:
         lines.append("Batched best-of-32 throughput by torch threads: " + "; ".join(
             f"{k.replace('_tokens_per_s', '').replace('_', ' ')}: {v:.0f} tok/s" for k, v in b["threads_study"].items()) + ".")
     return lines
+
+
+def dtype_lines(b: dict) -> list[str]:
+    """bfloat16 against float32 (``benchmarks/dtype.py``): the ratios that decide ``model.dtype``."""
+    units = "AMX and AVX512-BF16" if b["amx_bf16"] else ("AVX512-BF16, no AMX" if b["avx512_bf16"] else "no bfloat16 units")
+    nb = b["no_bf16_units"]
+    return [f"bfloat16 against float32 (`benchmarks/dtype.py`, one run, {b['torch_threads']} threads, this CPU: {units}):", "",
+            "| figure | bfloat16 / float32 |", "|---|---:|",
+            f"| best-of-32 tokens/s, 16 prompts, 16 tokens | {b['bf16_over_fp32_tokens_per_s']:.2f}x |",
+            f"| the same, LM head kept in float32 | {b['bf16_head_fp32_over_fp32_tokens_per_s']:.2f}x |",
+            f"| the same, oneDNN limited to `{nb['isa']}` (a CPU without bfloat16 units) | {nb['bf16_over_fp32_tokens_per_s']:.2f}x |",
+            f"| best-of-64 plus AISP (N = 64), 16 prompts, reward included: wall-clock speed-up | "
+            f"{b['bf16_over_fp32_stage_wall_clock']:.2f}x |",
+            f"| greedy tokens that agree, {b['greedy_prompts']} test prompts (identical responses: "
+            f"{b['greedy_identical_responses']:.0%}) | {b['greedy_token_agreement']:.0%} |"]
 
 
 def update_readme(readme: str | Path = "README.md", results: str | Path = "results") -> bool:

@@ -116,5 +116,37 @@ def mean_by(rows: list[dict], key: str, value: str) -> dict:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
+def by_iteration(records: list[dict], ids: set[str] | None = None) -> dict[str, dict]:
+    """AISP (or frozen-U twin) records per iteration: k (as a string, JSON's key) -> the means over
+    the prompts (those in ``ids``, or all) and their chains of
+
+    - ``best_in_iteration``: the best reward of iteration k's n draws (not the best so far);
+    - ``mean_reward``: the mean reward of those draws;
+    - ``ess``: the effective sample size of the update (of n);
+    - ``U_norm``: ||U|| after the update;
+    - ``sd_reward_term``, ``sd_lr_term``: the sds over the n draws of the log-weights' reward and
+      likelihood-ratio terms (:func:`prelogit.control.log_weight_terms`, U before the update);
+
+    and ``prompts``, how many prompts reached iteration k. Every prompt runs the same chains of n
+    draws, so a mean over all draws is also the mean of the per-prompt means.
+    """
+    its: dict[int, list[dict]] = {}
+    for r in records:
+        if ids is None or r["prompt_id"] in ids:
+            for it in r["iterations"]:
+                its.setdefault(it["k"], []).append(it)
+
+    def mean(xs) -> float:
+        xs = list(xs)
+        return sum(xs) / len(xs)
+
+    return {str(k): {"prompts": len(v), "best_in_iteration": mean(max(max(c) for c in it["rewards"]) for it in v),
+                     "mean_reward": mean(x for it in v for c in it["rewards"] for x in c),
+                     "ess": mean(e for it in v for e in it["ess"]), "U_norm": mean(u for it in v for u in it["U_norm"]),
+                     "sd_reward_term": mean(s for it in v for s in it["sd_reward_term"]),
+                     "sd_lr_term": mean(s for it in v for s in it["sd_lr_term"])}
+            for k, v in sorted(its.items())}
+
+
 __all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "bon_curve", "aisp_curve", "mean_by",
-           "distinct_ngram_diversity"]
+           "by_iteration", "distinct_ngram_diversity"]

@@ -41,9 +41,11 @@ LOWER, HIGHER = "lower (detected)", "higher (detected)"
 #: Every grade a claim can get.
 GRADES = (HELD, NOT_HELD, INCONCLUSIVE, LOWER, HIGHER)
 NO_DIFFERENCE = "no difference detected"
-#: Fewest prompts on which a claim can be held or not held (with 3 prompts, say, the bootstrap
-#: distribution of the mean has at most 10 distinct values and its interval is far too narrow).
-MIN_PROMPTS = 8
+#: Fewest prompts on which a claim can be held or not held. With 3 prompts, say, the bootstrap
+#: distribution of the mean has at most 10 distinct values and its interval is far too narrow; with
+#: 8, the tuning arms' paired sds (about 0.5 reward units) leave intervals wider than most effects,
+#: and five of ten grades flipped between two CPUs. 32 is the tune stage's claim_prompts.
+MIN_PROMPTS = 32
 
 
 def _too_few(cmp: Mapping) -> bool:
