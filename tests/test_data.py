@@ -46,6 +46,25 @@ def test_opening_turns_filtered_deduplicated_deterministic():
         chitchat_opening_turns(min_words=5, max_words=4)
 
 
+def test_chatterbot_questions_are_questions_deduplicated_deterministic_and_not_chitchat():
+    from prelogit.data import chatterbot_questions
+
+    qs = chatterbot_questions()
+    assert qs == chatterbot_questions()  # the same order every time
+    texts = [q for _, q in qs]
+    assert len(texts) >= 128  # enough for the transfer stage's 128 test prompts
+    assert all(t.endswith("?") and 3 <= len(t.split()) <= 30 and t == " ".join(t.split()) for t in texts)
+    assert len({_normalise(t) for t in texts}) == len(texts)
+    assert {"trivia", "coding"} <= {topic for topic, _ in qs}
+    # a different distribution: hardly any question is also a chit-chat opening turn
+    openings = {_normalise(t) for t in chitchat_opening_turns()}
+    assert sum(_normalise(t) in openings for t in texts) <= len(texts) // 20
+    short = chatterbot_questions(min_words=3, max_words=5)
+    assert set(short) < set(qs) and all(len(q.split()) <= 5 for _, q in short)
+    with pytest.raises(ParameterError, match="max_words"):
+        chatterbot_questions(min_words=5, max_words=3)
+
+
 def test_utterances_seeded_and_exclude_prompt_conversations():
     a = chitchat_utterances(500, seed=0)
     assert len(a) == 500 == len({t.lower() for t in a})

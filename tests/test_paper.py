@@ -184,7 +184,9 @@ def test_paper_path_runs_end_to_end_with_two_processes(tmp_path, smollm_dir):
     for stage in params.STAGES:
         assert (repo / "results" / stage / f"{stage}.ipynb").exists(), stage
     prompts = [json.loads(line) for line in (repo / "results" / "prepare" / "prompts.jsonl").read_text().splitlines()]
-    assert len(prompts) == 11 and all("<|im_start|>user" in p["prompt"] for p in prompts)  # the HH-RLHF dialogues
+    hh = [p for p in prompts if p["split"] != "qa"]  # the HH-RLHF dialogues; qa: the ChatterBot questions
+    assert len(hh) == 11 and all("<|im_start|>user" in p["prompt"] for p in hh)
+    assert sum(p["split"] == "qa" for p in prompts) == smoke["prepare"]["n_qa"]
     assert not (repo / "results" / ".staging").exists()
     # every generating stage ran as two accelerate processes
     seen = (repo.parent / "netguard-processes.log").read_text().splitlines()

@@ -19,7 +19,7 @@ import yaml
 from prelogit import params
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = {"train": 3, "val": 2, "test": 4}
+SPLITS = {"train": 3, "val": 2, "test": 4, "qa": 3}
 PREVIOUS = "previous: true\n"
 NO_FILE = object()  # a mutation returning this leaves params.yaml unwritten
 
@@ -27,7 +27,8 @@ NO_FILE = object()  # a mutation returning this leaves params.yaml unwritten
 def baseline() -> dict:
     """The repository's params.yaml with every prompt count fitted to :data:`SPLITS`."""
     p = params.load(ROOT / "params.yaml")
-    p["prepare"].update(n_train=SPLITS["train"], n_val=SPLITS["val"], n_test=SPLITS["test"])
+    p["prepare"].update(n_train=SPLITS["train"], n_val=SPLITS["val"], n_test=SPLITS["test"], n_qa=SPLITS["qa"])
+    p["transfer"]["n_prompts"] = SPLITS["qa"]
     for stage in ("bon", "aisp", "args", "recontrol", "misvo"):
         p[stage]["n_prompts"] = SPLITS["test"]
     p["misvo"].update(val_prompts=SPLITS["val"], rungs=[1, 2])

@@ -1,7 +1,10 @@
-"""Prompts: chit-chat opening turns (the embedded default) and the paper's HH-RLHF and SHP.
+"""Prompts: chit-chat opening turns (the embedded default), ChatterBot questions (the second
+distribution) and the paper's HH-RLHF and SHP.
 
 The embedded prompts come from the PyPI package ``chitchat-dataset`` (7,168 conversations): the
-opening turn of the first speaker of each conversation, as a user would open a chat.
+opening turn of the first speaker of each conversation, as a user would open a chat. The second
+distribution's come from ``chatterbot-corpus``: the questions that open its English Q/A
+conversations (trivia, programming, computers, ...), which are not chit-chat.
 
 HH-RLHF and SHP are read in their public formats, from a local file or folder (no network), or
 through the ``datasets`` package from the hub when that package is installed and the hub is
@@ -153,6 +156,46 @@ def _utterance_pool(excluded_openings: frozenset[str], min_words: int, max_words
                     seen.add(key)
                     pool.append(text)
     return tuple(pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# ChatterBot questions (the second prompt distribution)
+# ---------------------------------------------------------------------------------------------
+
+def chatterbot_questions(min_words: int = 3, max_words: int = 30) -> list[tuple[str, str]]:
+    """``(topic, question)`` for every English ChatterBot conversation that opens with a question.
+
+    A question is the conversation's first line when it ends with "?" and has between ``min_words``
+    and ``max_words`` words; case- and whitespace-insensitive duplicates keep the first, in the
+    order of the sorted topic files and of the conversations in each (394 with the defaults, from
+    ``chatterbot-corpus==1.3.3``, mostly trivia and programming). Deterministic order.
+    """
+    check_number("min_words", min_words, low=1, integer=True)
+    check_number("max_words", max_words, low=min_words, integer=True)
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the second prompt distribution needs the PyPI package chatterbot-corpus; install it with: "
+                        "pip install --no-deps chatterbot-corpus==1.3.3 (make setup does)")
+    folder = Path(spec.submodule_search_locations[0]) / "data" / "english"
+    seen: set[str] = set()
+    out = []
+    for path in sorted(folder.glob("*.yml")):
+        for conversation in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations") or []:
+            first = conversation[0] if conversation and isinstance(conversation[0], str) else ""
+            text = " ".join(first.split())
+            if not text.endswith("?") or not min_words <= len(text.split()) <= max_words:
+                continue
+            key = _normalise(text)
+            if key not in seen:
+                seen.add(key)
+                out.append((path.stem, text))
+    if not out:
+        raise DataError(f"no ChatterBot questions found under {folder}; reinstall chatterbot-corpus==1.3.3")
+    return out
 
 
 def split_prompts(prompts: Sequence[Any], n_train: int, n_val: int, n_test: int, seed: int) -> dict[str, list]:

@@ -117,7 +117,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
                    "top_k": integer(0), "top_p": num(0, 1, low_open=True)},
     "reward": {"kind": choice("embedded", "hf"), "name": optional(string), "dtype": choice("float32", "bfloat16", "float16")},
     "prepare": {"seed": SEED, "source": choice("chitchat", "hh_rlhf", "shp"), "source_path": optional(string),
-                "n_train": integer(1), "n_val": integer(0), "n_test": integer(1), "max_prompt_tokens": integer(8),
+                "n_train": integer(1), "n_val": integer(0), "n_test": integer(1), "n_qa": integer(0),
+                "max_prompt_tokens": integer(8),
                 "reward_utterances": integer(50), "reward_threshold": num(0, 1, low_open=True, high_open=True),
                 "reward_seed": SEED},
     "bon": {"seed": SEED, "n_prompts": integer(1), "max_samples": integer(1), "large_prompts": integer(0),
@@ -156,6 +157,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "recontrol": {"seed": SEED, "n_prompts": integer(1), "train_prompts": integer(2), "samples_per_prompt": integer(1),
                   "holdout": num(0, 1, high_open=True), "epochs": integer(1), "lr": POS, "batch_size": integer(1),
                   "hidden": integer(1), "layers": integer(1), "step_size": num(0), "n_steps": integer(0)},
+    # the second prompt distribution (prepare.n_qa ChatterBot questions): each reading's tuned configuration, its
+    # frozen-U twin and best-of-N at N, with no tuning on these prompts
+    "transfer": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "batch_size": integer(1)},
     "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED,
                 "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS},
 }
@@ -188,17 +192,21 @@ STAGES: dict[str, dict[str, Any]] = {
     "recontrol": {"sections": ["recontrol", "model", "generation", "reward"],
                   "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                             "reward_head_path": "results/prepare/reward_head.safetensors"}},
+    "transfer": {"sections": ["transfer", "model", "generation", "reward"],
+                 "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                           "reward_head_path": "results/prepare/reward_head.safetensors",
+                           "tuned_path": "results/tune/selected.json"}},
     "figures": {"sections": ["figures"],
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
                           "tune_dir": "results/tune", "misvo_dir": "results/misvo",
                           "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol",
-                          "samplers_dir": "results/samplers"}},
+                          "samplers_dir": "results/samplers", "transfer_dir": "results/transfer"}},
 }
 
 
 #: The stages that generate per prompt and can share their prompts out across processes
 #: (``launch`` section, :mod:`prelogit.shard`); the others always run as one plain process.
-SHARDED_STAGES = ("bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol")
+SHARDED_STAGES = ("bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer")
 
 
 def load(path: str | Path = "params.yaml") -> dict:
@@ -325,6 +333,7 @@ PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
     "args": [("args.n_prompts", "test")],
     "recontrol": [("recontrol.n_prompts", "test"), ("recontrol.train_prompts", "train")],
     "theory": [("theory.gauss_prompts", "theory.gauss_split")],
+    "transfer": [("transfer.n_prompts", "qa")],
 }
 
 
@@ -378,7 +387,7 @@ def check_across_sections(stage: str, params: dict) -> None:
                                      f"tune.N = {tune['N']}: the search is scored against the tune stage's best-of-N "
                                      "draws (results/tune/bon.jsonl)")
     if stage == "prepare":
-        made = {split: params["prepare"][f"n_{split}"] for split in ("train", "val", "test")}
+        made = {split: params["prepare"][f"n_{split}"] for split in ("train", "val", "test", "qa")}
         for later in PROMPT_COUNTS:
             try:
                 validate_section(params, later)

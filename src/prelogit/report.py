@@ -30,6 +30,7 @@ STAGE_TIMES: tuple[tuple[str, str, str], ...] = (
     ("aisp (variance)", "aisp", "variance_seconds"), ("misvo (search)", "misvo", "search_seconds"),
     ("misvo (test)", "misvo", "seconds"), ("theory", "theory", "seconds"), ("args", "args", "seconds"),
     ("recontrol (training)", "recontrol", "train_seconds"), ("recontrol (decoding)", "recontrol", "decode_seconds"),
+    ("transfer (second distribution)", "transfer", "seconds"), ("figures", "figures", "seconds"),
 )
 
 
@@ -133,6 +134,13 @@ def render_readme_block(results: str | Path = "results") -> str:
         if vt:
             text += (f"; AISP minus the best non-adaptive sampler tuned on the same validation prompts "
                      f"(`{ww['tuned_sampler']}`) {fmt_interval(vt)} ({vt['decision']})")
+        qa = ww.get("questions")
+        if qa:
+            q = qa["by_reading"][r]
+            text += (f". On {qa['n_prompts']} ChatterBot questions (a second prompt distribution, run with the configuration "
+                     f"tuned on chit-chat): what wins is {q['verdict']}; AISP minus best-of-N {fmt_interval(q['vs_bon'])} "
+                     f"({q['vs_bon']['decision']}), minus its twin {fmt_interval(q['adaptation'])} "
+                     f"({q['adaptation']['decision']}), the twin minus best-of-N {fmt_interval(q['sampler'])}")
         one.append(text + ".")
     main = ww["by_reading"][reading]["vs_bon"]
     lines += ["", f"**In one line,** at N = {main['N']} on {main['n_prompts']} test prompts: " + " ".join(one)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
+from .aisp import AISPConfig, prompt_generator, run_aisp_many, run_best_of_n_many
 from .io import read_jsonl
 from .metrics import distinct_ngram_diversity, expected_best_of_n
 from .models import load_model
 from .rewards import build_judges, build_reward, MiniLMEncoder
 from .sampling import DEFAULT_MAX_ROWS, PrelogitSampler
-from .shard import process_device
+from .shard import process_device, run_sharded
 from .theory import kl_best_of_n
 
 
@@ -74,6 +75,44 @@ def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, 
 def judge_all(judges: dict, user_texts: list[str], responses: list[str]) -> dict[str, list[float]]:
     """Every judge's score for each (prompt, response) pair."""
     return {name: j.score(user_texts, responses).tolist() for name, j in judges.items()}
+
+
+def best_of_n_records(sampler: PrelogitSampler, reward, judges: dict, rows: list[dict], N: int, seed: int,
+                      batch_size: int) -> list[dict]:
+    """Best-of-N records for the prompt ``rows`` (``load_prompts`` rows): N samples each, every
+    prompt seeded by (seed, prompt id), every sample scored by the held-out judges; ``prompt_id``
+    and ``prompt`` filled in. Under ``accelerate launch`` each process runs its share of the prompts
+    and every process gets all records back, in prompt order (:func:`prelogit.shard.run_sharded`).
+    """
+    def run(share: list[dict]) -> list[dict]:
+        recs = run_best_of_n_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], N,
+                                  [prompt_generator(seed, p["id"]) for p in share], batch_size)
+        for p, rec in zip(share, recs):
+            rec["prompt_id"], rec["prompt"] = p["id"], p["text"]
+            rec["judges"] = judge_all(judges, [p["text"]] * len(rec["responses"]), rec["responses"])
+        return recs
+
+    return run_sharded(rows, run)
+
+
+def aisp_records(sampler: PrelogitSampler, reward, judges: dict, rows: list[dict], config: AISPConfig, seed: int,
+                 decode: str | None) -> list[dict]:
+    """AISP records for the prompt ``rows``, all prompts in lockstep (one batched generate and one
+    reward call per iteration), each seeded by (seed, prompt id), decoding given V by ``decode``;
+    the held-out judges score every best-so-far answer (``best_so_far_judges``, one dict per
+    iteration); ``prompt_id`` and ``prompt`` filled in. Sharded as :func:`best_of_n_records`.
+    """
+    def run(share: list[dict]) -> list[dict]:
+        recs = run_aisp_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], config,
+                             [prompt_generator(seed, p["id"]) for p in share], decode=decode)
+        for p, rec in zip(share, recs):
+            rec["prompt_id"], rec["prompt"] = p["id"], p["text"]
+            answers = [it["best_so_far"]["response"] for it in rec["iterations"]]
+            scores = judge_all(judges, [p["text"]] * len(answers), answers)
+            rec["best_so_far_judges"] = [{j: scores[j][k] for j in scores} for k in range(len(answers))]
+        return recs
+
+    return run_sharded(rows, run)
 
 
 def bon_curve(records: list[dict], budgets: list[int]) -> list[dict]:
@@ -148,5 +187,6 @@ def by_iteration(records: list[dict], ids: set[str] | None = None) -> dict[str, 
             for k, v in sorted(its.items())}
 
 
-__all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "bon_curve", "aisp_curve", "mean_by",
+__all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "best_of_n_records", "aisp_records",
+           "bon_curve", "aisp_curve", "mean_by",
            "by_iteration", "distinct_ngram_diversity"]
