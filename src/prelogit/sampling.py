@@ -155,11 +155,11 @@ def control_fn(control: torch.Tensor) -> PrelogitFn:
     def fn(z: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
         if t >= tau:
             return z
-        v = control[rows.to(control.device), t].to(z.device)
-        # Summed in at least float32 and rounded once: in a bfloat16 model, rounding v first would
-        # add a second error of 2^-9 of v's own size. (float32 and float64 models: unchanged.)
-        acc = torch.promote_types(torch.promote_types(z.dtype, v.dtype), torch.float32)
-        return (z.to(acc) + v.to(acc)).to(z.dtype)
+        # Summed in float32 (or the model's dtype if wider) and rounded to the model's dtype once: in a
+        # bfloat16 model, rounding v first would add a second error of 2^-9 of v's own size. float32
+        # and float64 models add exactly as they did before.
+        acc = torch.promote_types(z.dtype, torch.float32)
+        return (z.to(acc) + control[rows.to(control.device), t].to(device=z.device, dtype=acc)).to(z.dtype)
 
     return fn
 
