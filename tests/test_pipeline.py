@@ -271,6 +271,19 @@ def _close(a, b, path: str = "") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+def _well_conditioned(x):
+    """``x`` without the per-chain sds of the log-weights' reward term (``sd_reward_term``). With lambda in
+    units of the reward's sd, that term is r / (lam * max(sd(r), 1e-8)): when a chain's n rewards are equal up
+    to the float32 reward model's rounding (identical responses scored in differently composed batches), its
+    sd is that rounding noise over a 1e-8 floor, 0 in one run and 2e-4 in the other. The rewards, weights,
+    ESS and lam_eff it derives from are still compared."""
+    if isinstance(x, dict):
+        return {k: _well_conditioned(v) for k, v in x.items() if k != "sd_reward_term"}
+    if isinstance(x, list):
+        return [_well_conditioned(v) for v in x]
+    return x
+
+
 def test_two_processes_give_the_records_of_one(repo):
     """The smoke bon and aisp stages under accelerate launch with two CPU processes (gloo): each process runs
     its share of the prompts, rank 0 publishes, and the records are those of one plain process.
@@ -310,8 +323,8 @@ def test_two_processes_give_the_records_of_one(repo):
                                                     if name.endswith(".jsonl") else json.loads(raw))
         for stage, names in files.items():
             for name in names:
-                _close(strip_timing(outputs["one.yaml", stage, name]), strip_timing(outputs["two.yaml", stage, name]),
-                       f"{stage}/{name}")
+                _close(_well_conditioned(strip_timing(outputs["one.yaml", stage, name])),
+                       _well_conditioned(strip_timing(outputs["two.yaml", stage, name])), f"{stage}/{name}")
     finally:
         for f, before in kept.items():
             f.write_bytes(before)
