@@ -272,13 +272,16 @@ def _close(a, b, path: str = "") -> None:
 
 
 def _well_conditioned(x):
-    """``x`` without the per-chain sds of the log-weights' reward term (``sd_reward_term``). With lambda in
-    units of the reward's sd, that term is r / (lam * max(sd(r), 1e-8)): when a chain's n rewards are equal up
-    to the float32 reward model's rounding (identical responses scored in differently composed batches), its
-    sd is that rounding noise over a 1e-8 floor, 0 in one run and 2e-4 in the other. The rewards, weights,
-    ESS and lam_eff it derives from are still compared."""
+    """``x`` with each AISP iteration's ``sd_reward_term`` (the sd over a chain's draws of r / lam_eff)
+    multiplied back by its ``lam_eff``: the sd of the rewards themselves. The smoke search can select
+    lambda = 0.001 (the lambda -> 0 corner), and r / 0.001 turns the float32 reward model's rounding
+    (~1e-7, identical greedy responses scored in differently composed batches) into 1e-4, the
+    comparison's whole tolerance; the rewards' own sd is compared at the rewards' tolerance."""
     if isinstance(x, dict):
-        return {k: _well_conditioned(v) for k, v in x.items() if k != "sd_reward_term"}
+        out = {k: _well_conditioned(v) for k, v in x.items()}
+        if "sd_reward_term" in x and "lam_eff" in x:
+            out["sd_reward_term"] = [sd * lam for sd, lam in zip(x["sd_reward_term"], x["lam_eff"])]
+        return out
     if isinstance(x, list):
         return [_well_conditioned(v) for v in x]
     return x
