@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from . import verdict
-from .comparisons import ARGS, BON, RECONTROL, Comparison, VerdictRows, aisp
+from .comparisons import ARGS, BON, RECONTROL, Comparison, VerdictRows, aisp, per_prompt
 from .metrics import diversity_per_response
-from .report import per_prompt
+from .selection import Search
 from .tables import best_of_first, search_answer
 
 
@@ -36,34 +36,6 @@ def headline(rows: VerdictRows, reading: str, verdict_N: int) -> dict:
             "evidence": f"N = {verdict_N}, {main['n_prompts']} test prompts: {key.first.label} - best-of-N "
                         f"{verdict.fmt_interval(main)}, AISP wins {main['win_share']:.0%}, smallest detectable "
                         f"{main['mdd']:.2f}. {others}. {lits}"}
-
-
-class Search:
-    """The tune stage's search (``search.json``) seen from one reading.
-
-    ``arms[i]`` is arm i's configuration (with ``label`` and ``sigma_rms``, sigma in units of the
-    pre-logit RMS ``search["rms"]``); ``best(i, ids)`` the best reward of arm i's N draws on each
-    of those validation prompts.
-    """
-
-    def __init__(self, search: Mapping, reading: str) -> None:
-        self.search, self.reading = search, reading
-        self.r = search["readings"][reading]
-        self.arms = search["arms"]
-        self.by_arm = {row["arm"]: row for row in search["rows"]}
-        self.rung0 = self.r["rungs"][0]
-        self.rung0_ids = list(self.by_arm[self.rung0["arms"][0]]["per_prompt"])[: self.rung0["prompts"]]
-        self.claim_ids, self.claim_arms = search["claim_prompts"], self.r["claim_arms"]
-        self.factors = [k for k in self.arms[0] if k != "label"]
-        self.center = self.r["center"]  # the reading's center arm (its search runs over its own arms only)
-
-    def differs_only_in(self, i: int, keys: Sequence[str]) -> bool:
-        """Whether arm i equals the center arm in every factor but ``keys``."""
-        a, center = self.arms[i], self.arms[self.center]
-        return all(a[k] == center[k] for k in self.factors if k not in keys)
-
-    def best(self, i: int, ids: Sequence[str]) -> list[float]:
-        return [self.by_arm[i]["per_prompt"][pid]["best"] for pid in ids]
 
 
 def sigma_claim(s: Search, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:

@@ -7,7 +7,7 @@ for the tables, once. Every row applies :func:`prelogit.verdict.compare` (the pr
 rule) to the per-prompt values of the two methods, on the prompts both have at that budget.
 
 Curves are lists of rows ``{"N", "prompt_id", "reward", ...}`` (the stages' ``curve.json``); a
-per-prompt map is ``prompt_id -> value`` (:func:`prelogit.report.per_prompt`).
+per-prompt map is ``prompt_id -> value`` (:func:`per_prompt`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import verdict
-from .report import per_prompt
 
 #: The prompt sets a comparison can be on: the primary test prompts (chit-chat openers) and the
 #: second distribution (ChatterBot questions, the transfer stage).
 PROMPT_SETS = ("test", "questions")
 _LABELS = {"bon": "best-of-N", "sampler": "tuned sampler", "misvo": "MISVO", "args": "ARGS", "recontrol": "RE-Control"}
+
+
+def per_prompt(curve: Iterable[Mapping], N: int, key: str = "reward") -> dict[str, float]:
+    """prompt_id -> value of ``key`` at budget N."""
+    return {row["prompt_id"]: row[key] for row in curve if row["N"] == N}
 
 
 @dataclass(frozen=True)
@@ -157,13 +161,17 @@ class VerdictRows:
 
     def markdown(self) -> str:
         """The ``verdict.md`` table."""
-        level = round(100 * self.ci["level"])
-        md = [f"| comparison | N | prompts | difference (mean, {level}% CI) | first wins | smallest detectable | decision |",
-              "|---|---:|---:|---|---:|---:|---|"]
-        for r in self.rows():
-            md.append(f"| {r['comparison']} | {r['N']} | {r['n_prompts']} | {verdict.fmt_interval(r)} | "
-                      f"{r['win_share']:.0%} | {r['mdd']:.2f} | {r['decision']} |")
-        return "\n".join(md)
+        return markdown(self.rows(), self.ci["level"])
+
+
+def markdown(rows: Sequence[Mapping], level: float = 0.95) -> str:
+    """The ``verdict.md`` table of verdict rows (:meth:`VerdictRows.rows`, or ``summary.json``'s ``verdict``)."""
+    md = [f"| comparison | N | prompts | difference (mean, {round(100 * level)}% CI) | first wins | smallest detectable "
+          "| decision |", "|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        md.append(f"| {r['comparison']} | {r['N']} | {r['n_prompts']} | {verdict.fmt_interval(r)} | "
+                  f"{r['win_share']:.0%} | {r['mdd']:.2f} | {r['decision']} |")
+    return "\n".join(md)
 
 
 def budgets(*curves: Iterable[Mapping]) -> list[int]:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .comparisons import BON, MISVO, Comparison, aisp, per_prompt
 from .io import read_json
-from .metrics import bootstrap_ci, paired_difference
+from .metrics import bootstrap_ci
 from .verdict import fmt_interval
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -40,11 +41,6 @@ def stage_times(results: str | Path = "results") -> dict[str, float]:
     return {label: float(timing[stage][key]) for label, stage, key in STAGE_TIMES}
 
 
-def per_prompt(curve: list[dict], N: int, key: str = "reward") -> dict[str, float]:
-    """prompt_id -> value at budget N."""
-    return {row["prompt_id"]: row[key] for row in curve if row["N"] == N}
-
-
 def curve_summary(curve: list[dict], key: str = "reward", n_boot: int = 2000, level: float = 0.95,
                   seed: int = 0) -> list[dict]:
     """Mean over prompts with a bootstrap interval, per budget N: rows {N, mean, lo, hi}."""
@@ -54,13 +50,6 @@ def curve_summary(curve: list[dict], key: str = "reward", n_boot: int = 2000, le
         mean, lo, hi = bootstrap_ci(vals, n_boot=n_boot, level=level, seed=seed)
         rows.append({"N": N, "mean": mean, "lo": lo, "hi": hi})
     return rows
-
-
-def paired_at(curve_a: list[dict], curve_b: list[dict], N: int, key: str = "reward", **kw) -> dict:
-    """a minus b per prompt at budget N, on the prompts both have."""
-    a, b = per_prompt(curve_a, N, key), per_prompt(curve_b, N, key)
-    ids = [i for i in a if i in b]
-    return paired_difference(torch.tensor([a[i] for i in ids]), torch.tensor([b[i] for i in ids]), **kw).as_dict()
 
 
 def plot_curves(ax, summaries: dict[str, list[dict]], ylabel: str) -> None:
@@ -89,6 +78,18 @@ def _selection(reading: str, label: str, tune: dict) -> str:
     return text + ")"
 
 
+def _stability(reading: str, f: dict) -> str:
+    """One reading's selection frequency (:func:`prelogit.selection.selection_frequency`) as a sentence."""
+    if f["frequency"] is None:
+        return f"{reading}: one arm from the first rung on"
+    d = f["selected_minus_runner_up"]
+    rungs = ", ".join(f"rung {r['rung']} ({r['kept']} of {r['alive']} kept on {r['prompts']} prompts) {r['share']:.0%}"
+                      for r in f["survival"])
+    return (f"{reading}: `{f['selected']}` is re-selected on {f['frequency'][f['selected']]:.0%} of the resamples of its "
+            f"{f['prompts']} deciding prompts (runner-up `{f['runner_up']}` {f['frequency'][f['runner_up']]:.0%}; selected "
+            f"minus runner-up {fmt_interval(d)}, {d['decision']}); it stays among the arms kept in {rungs}")
+
+
 def render_readme_block(results: str | Path = "results") -> str:
     """The README's results section, rendered from the committed results files.
 
@@ -113,6 +114,11 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"({tune['selected_arm']['sigma_rms']} x the pre-logit RMS {tune['rms']:.2f}), lambda = {cfg['lam']} "
                  f"({cfg['lam_mode']}), alpha = {cfg['alpha']} ({cfg['alpha_mode']}), tau = {cfg['tau']}, "
                  f"n = {cfg['n']} per iteration.")
+    sel = tune.get("selection_by_reading")
+    if sel:
+        lines += ["", "**How firmly each arm was selected** (the prompts of its deciding rung, the last with two or more "
+                  "arms, resampled and the same rule re-applied; the seeds and the CPU's rounding, which act like seeds, are "
+                  "not resampled): " + "; ".join(_stability(r, f) for r, f in sel.items()) + "."]
     ms = fig.get("misvo")
     if ms:
         mc, mv = ms["config"], ms["val_minus_bon"]
@@ -145,8 +151,9 @@ def render_readme_block(results: str | Path = "results") -> str:
     main = ww["by_reading"][reading]["vs_bon"]
     lines += ["", f"**In one line,** at N = {main['N']} on {main['n_prompts']} test prompts: " + " ".join(one)
               + " The evidence for why is below the tables and in `notebooks/figures.ipynb`."]
-    vm = next((v for v in fig["verdict"] if v["comparison"] == "MISVO - best-of-N" and v["N"] == main["N"]), None)
-    am = next((v for v in fig["verdict"] if v["comparison"] == f"AISP ({reading}) - MISVO"), None)
+    # summary.json's rows carry display labels: look them up through the keys' labels, never typed-in text
+    vm = next((v for v in fig["verdict"] if v["comparison"] == Comparison(MISVO, BON).label and v["N"] == main["N"]), None)
+    am = next((v for v in fig["verdict"] if v["comparison"] == Comparison(aisp(reading), MISVO).label), None)
     if vm and am:
         lines[-1] += (f" MISVO minus best-of-N at the same N: {fmt_interval(vm)} ({vm['decision']}); AISP ({reading}) "
                       f"minus MISVO at N = {am['N']}: {fmt_interval(am)} ({am['decision']}).")
