@@ -1,6 +1,6 @@
 # Two commands for a fresh machine with Python 3.11:
 #   make repro   set everything up, then run the pipeline (dvc repro) on the embedded default
-#   make test    set everything up, then run the tests (unit, integration, nbval, pipeline)
+#   make test    set everything up, then lint (ruff, mypy) and run the tests (unit, integration, nbval, pipeline)
 # make repro FORCE=1 runs every stage again (dvc repro --force); DRY=1 only prints what would run
 # (dvc repro --dry). Every recipe runs with .venv/bin first on PATH (below): DVC's stage command
 # `python -m prelogit.stage` must find the venv's python, which a bare .venv/bin/dvc does not give it.
@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast readme clean-smoke paper gpu
+.PHONY: setup repro lint test test-fast readme clean-smoke paper gpu
 
 $(BIN)/.installed: pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ REPRO_FLAGS = $(if $(filter 1,$(FORCE)), --force)$(if $(filter 1,$(DRY)), --dry)
 repro: setup
 	$(BIN)/dvc repro$(REPRO_FLAGS)
 
-test: setup
+# ruff over the package, the tests and the benchmarks; mypy over the modules pyproject.toml lists
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
 
 test-fast: setup

@@ -106,8 +106,8 @@ def main() -> None:
     b, c = {}, {}
     cfg = AISPConfig(sigma=0.5, lam=0.1, n=8, K=4, tau=8, final_rollout=False)
     for N, n in [(32, 8)] + ([] if args.no_n128 else [(128, 32)]):
-        bon_s, bon = timed(lambda: run_best_of_n_many(sampler, reward, prompts, users, N, gens()))
-        aisp_s, aisp = timed(lambda: run_aisp_many(sampler, reward, prompts, users, replace(cfg, n=n), gens()))
+        bon_s, bon = timed(lambda N=N: run_best_of_n_many(sampler, reward, prompts, users, N, gens()))
+        aisp_s, aisp = timed(lambda n=n: run_aisp_many(sampler, reward, prompts, users, replace(cfg, n=n), gens()))
         b[str(N)] = {"bon_seconds": bon_s, "aisp_seconds": aisp_s, "ratio": aisp_s / bon_s}
         # decode throughput (generation time only); its share of the peak is taken at the end
         c[str(N)] = {name: sum(r["cost"]["new_tokens"] for r in recs) / sum(r["cost"]["time_generation_s"] for r in recs)

@@ -24,6 +24,6 @@ def test_environment_yml_matches_pyproject():
 
 def test_every_dependency_is_pinned_exactly():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assets = [l for l in (ROOT / "requirements-assets.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assets = [line for line in (ROOT / "requirements-assets.txt").read_text().splitlines() if line and not line.startswith("#")]
     for req in project["dependencies"] + assets:
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][0-9A-Za-z.\-]*", req.strip()), req

@@ -33,5 +33,5 @@ def test_readme_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [l for l in proc.stdout.splitlines() if "AISP" in l and "best-of-32" in l]
+    lines = [line for line in proc.stdout.splitlines() if "AISP" in line and "best-of-32" in line]
     assert len(lines) == 3

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many
 from prelogit.checks import ParameterError

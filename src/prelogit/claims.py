@@ -10,6 +10,7 @@ figures notebook only displays them. Rewards are in the reward model's units.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def headline(rows: VerdictRows, reading: str, verdict_N: int) -> dict:
 
 def sigma_claim(s: Search, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """"sigma = 0.5 is best": the claim-set arms that differ from the center only in sigma, on the claim prompts."""
-    ci = {"n_boot": n_boot, "level": level, "seed": seed}
+    ci: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed}
     rms = s.search["rms"]
     arms = [i for i in s.claim_arms if s.differs_only_in(i, ["sigma_rms"])]
     scores = {f"sigma = {s.arms[i]['sigma_rms'] * rms:.2f}": s.best(i, s.claim_ids) for i in arms}
@@ -54,19 +55,19 @@ def sigma_claim(s: Search, n_boot: int = 2000, level: float = 0.95, seed: int = 
 def alpha_claims(s: Search, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[dict]:
     """"A small alpha gives a poor reward", per reading of alpha that the claim set has two values of:
     the largest alpha minus the smallest on the claim prompts, and every alpha on the first rung."""
-    ci = {"n_boot": n_boot, "level": level, "seed": seed}
+    ci: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed}
     out = []
+    def of_mode(candidates: Sequence[int], mode: str) -> list[int]:
+        return [i for i in candidates if s.differs_only_in(i, ["alpha", "alpha_mode"]) and s.arms[i]["alpha_mode"] == mode]
+
     for mode in ("mppi", "step"):
-        def of_mode(candidates):
-            return [i for i in candidates if s.differs_only_in(i, ["alpha", "alpha_mode"])
-                    and s.arms[i]["alpha_mode"] == mode]
-        al = of_mode(s.claim_arms)
+        al = of_mode(s.claim_arms, mode)
         if len(al) < 2:
             continue
         lo_i = min(al, key=lambda i: s.arms[i]["alpha"])
         hi_i = max(al, key=lambda i: s.arms[i]["alpha"])
         c = verdict.compare(s.best(hi_i, s.claim_ids), s.best(lo_i, s.claim_ids), names=("large alpha", "small alpha"), **ci)
-        first_rung = sorted(of_mode(s.rung0["arms"]), key=lambda i: s.arms[i]["alpha"])
+        first_rung = sorted(of_mode(s.rung0["arms"], mode), key=lambda i: s.arms[i]["alpha"])
         out.append({"claim": f"a small alpha gives a poor reward ({mode} reading)", "verdict": verdict.superiority_claim(c),
                     "n_prompts": c["n_prompts"],
                     "evidence": f"alpha = {s.arms[hi_i]['alpha']} minus alpha = {s.arms[lo_i]['alpha']}: "
@@ -89,7 +90,7 @@ def lambda_claim(s: Search, bon_val_sd: float, margin_sd: float, n_boot: int = 2
     twin = s.search.get("lam_twin")
     if not twin:
         return None
-    ci = {"n_boot": n_boot, "level": level, "seed": seed}
+    ci: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed}
     li = twin["arm"]
     ids = list(twin["per_prompt"])
     a = [s.by_arm[li]["per_prompt"][p]["best"] for p in ids]

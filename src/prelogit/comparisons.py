@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import verdict
 
@@ -116,7 +117,7 @@ class VerdictRows:
     """
 
     def __init__(self, n_boot: int = 2000, level: float = 0.95, seed: int = 0, power: float = 0.8) -> None:
-        self.ci = {"n_boot": n_boot, "level": level, "seed": seed}
+        self.ci: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed}
         self.power = power
         self._rows: dict[tuple[Comparison, int], dict] = {}
 
@@ -166,8 +167,8 @@ class VerdictRows:
 
 def markdown(rows: Sequence[Mapping], level: float = 0.95) -> str:
     """The ``verdict.md`` table of verdict rows (:meth:`VerdictRows.rows`, or ``summary.json``'s ``verdict``)."""
-    md = [f"| comparison | N | prompts | difference (mean, {round(100 * level)}% CI) | first wins | smallest detectable "
-          "| decision |", "|---|---:|---:|---|---:|---:|---|"]
+    md = [(f"| comparison | N | prompts | difference (mean, {round(100 * level)}% CI) | first wins | smallest detectable "
+           "| decision |"), "|---|---:|---:|---|---:|---:|---|"]
     for r in rows:
         md.append(f"| {r['comparison']} | {r['N']} | {r['n_prompts']} | {verdict.fmt_interval(r)} | "
                   f"{r['win_share']:.0%} | {r['mdd']:.2f} | {r['decision']} |")
@@ -259,9 +260,10 @@ def verdict_rows(c: Curves, readings: Sequence[str], verdict_N: int, misvo_N: in
     for name, rewards in (c.baselines or {}).items():
         rows.add(Comparison(tuned, _BASELINES[name], names=("AISP", name)), verdict_N,
                  per_prompt(c.aisp[readings[0]], verdict_N), rewards)
-    for R in readings if c.qa_aisp else ():
+    qa_aisp, qa_frozen = c.qa_aisp or {}, c.qa_frozen or {}
+    for R in readings if qa_aisp else ():
         A, F = aisp(R), twin(R)
-        cur, frz = c.qa_aisp[R], (c.qa_frozen or {})[R]
+        cur, frz = qa_aisp[R], qa_frozen[R]
         for N in budgets(cur, c.qa_bon):
             rows.add(Comparison(A, BON, "questions"), N, per_prompt(cur, N), per_prompt(c.qa_bon, N))
             rows.add(Comparison(A, F, "questions"), N, per_prompt(cur, N), per_prompt(frz, N))

@@ -168,21 +168,21 @@ def closure(modules: Iterable[str] = (), files: Iterable[Path] = (), src: Path =
             continue
         seen.add(name)
         todo.update(p for p in _parents(name) if p not in seen)
-        path = module_file(name, src)
-        if path is None:  # `from prelogit.x import y` with no module prelogit.x: fails when run
+        module = module_file(name, src)
+        if module is None:  # `from prelogit.x import y` with no module prelogit.x: fails when run
             continue
-        got = imports_of(path.read_text(), name, src, package, is_package=path.name == "__init__.py",
-                         filename=str(path))
+        got = imports_of(module.read_text(), name, src, package, is_package=module.name == "__init__.py",
+                         filename=str(module))
         found.from_package |= got.from_package
         todo.update(got.modules - seen)
     listed = []
     for name in seen:
-        path = module_file(name, src)
-        if path is None:
+        module = module_file(name, src)
+        if module is None:
             continue
-        if path.name == "__init__.py" and name not in found.from_package and not _has_imports(path):
+        if module.name == "__init__.py" and name not in found.from_package and not _has_imports(module):
             continue
-        listed.append(path)
+        listed.append(module)
     return sorted(listed)
 
 

@@ -202,7 +202,8 @@ def plan_device_map(cfg: dict, check_hub: bool = True) -> tuple[dict, str | None
     device_map, problem = device_map_decision(weights, gpus, nproc)
     if device_map is None:
         return {}, None, problem
-    changes = {"model": {"device_map": device_map}}
+    assert weights is not None  # device_map_decision spreads a model only when its size is known
+    changes: dict[str, dict[str, object]] = {"model": {"device_map": device_map}}
     if nproc != 1:
         changes["launch"] = {"num_processes": 1}
     note = (f"model {model.get('name')!r} ({weights / GB:.1f} GB of weights, {weights * FIT_MARGIN / GB:.1f} GB with "

@@ -80,7 +80,7 @@ def selection_frequency(s: Search, n_boot: int = 2000, seed: int = 0, level: flo
     counts = np.bincount(picks, minlength=len(arms))
     order = np.argsort(-means, kind="stable")
     runner = arms[int(order[1])]
-    label = lambda a: s.arms[a]["label"]  # noqa: E731
+    label = lambda a: s.arms[a]["label"]
     return {"rung": deciding, "survival": survival(s, n_boot=n_boot, seed=seed), "prompts": len(ids), "arms": [label(a) for a in arms], "selected": label(selected),
             "frequency": {label(a): float(c / n_boot) for a, c in zip(arms, counts)}, "runner_up": label(runner),
             "selected_minus_runner_up": verdict.compare(scores[arms.index(selected)], scores[arms.index(runner)],

@@ -9,7 +9,7 @@ model's units, KL in nats, costs per prompt.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def search_forward_calls(records: Mapping[str, Mapping], N: int, ids: Sequence[s
                           for i in ids]))
 
 
-def diversity_of(responses: Sequence[str]) -> float:
+def diversity_of(responses: Iterable[str]) -> float:
     """Mean diversity of the selected responses, one per prompt (:func:`prelogit.metrics.diversity_per_response`)."""
     return float(np.mean(diversity_per_response(list(responses))))
 
@@ -60,7 +60,7 @@ def method_row(method: str, N: int | None, prompts: int, rows: Sequence[Mapping]
     """
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kl_kind!r}")
-    s = curve_summary(list(rows), **(ci or {}))[0]
+    s = curve_summary([dict(r) for r in rows], **(ci or {}))[0]
     return {"method": method, "N": N, "prompts": prompts, "reward": s["mean"], "lo": s["lo"], "hi": s["hi"],
             **{j: float(np.mean([r[j] for r in rows])) for j in judges}, "diversity": diversity, "kl": kl,
             "kl_kind": kl_kind, "forward_calls": forward_calls, "reward_calls": reward_calls}
@@ -151,7 +151,7 @@ def kl_cell(row: Mapping) -> str:
 
 def method_table_markdown(table: Sequence[Mapping], judges: Sequence[str], level: float) -> str:
     """The ``table.md`` table."""
-    md = ["| method | N | prompts | reward (mean, %d%% CI) | " % round(100 * level) + " | ".join(f"{j} (held out)" for j in judges)
+    md = [f"| method | N | prompts | reward (mean, {round(100 * level)}% CI) | " + " | ".join(f"{j} (held out)" for j in judges)
           + " | diversity | KL, nats (kind) | LLM passes / prompt | reward calls / prompt |",
           "|---|---:|---:|---|" + "---:|" * (len(judges) + 4)]
     for r in table:
@@ -217,8 +217,8 @@ def _fmt_ci(t: tuple | None, digits: int = 2) -> str:
 def kl_table_markdown(table: Sequence[Mapping], level: float) -> str:
     """The ``kl.md`` table."""
     pct = round(100 * level)
-    md = [f"| policy | prompts | reward of its responses (mean, {pct}% CI) | KL to the base model, nats (mean, {pct}% CI) "
-          "| KL estimate |", "|---|---:|---|---|---|"]
+    md = [(f"| policy | prompts | reward of its responses (mean, {pct}% CI) | KL to the base model, nats (mean, {pct}% CI) "
+           "| KL estimate |"), "|---|---:|---|---|---|"]
     for r in table:
         kl_txt = f"<= {r['kl'][0]:.2f}" if r["kind"] == "upper bound" else _fmt_ci(r["kl"])
         md.append(f"| {r['policy']} | {r['prompts']} | {r['reward'][0]:+.2f} [{r['reward'][1]:+.2f}, {r['reward'][2]:+.2f}] | "
