@@ -30,7 +30,11 @@ def best_of_first(record: Mapping, N: int) -> str:
 
 def search_answer(record: Mapping, N: int) -> str:
     """The best-so-far answer after N samples of a sequential search (AISP, MISVO)."""
-    return next(it["best_so_far"]["response"] for it in record["iterations"] if it["samples_so_far"] == N)
+    for it in record["iterations"]:
+        if it["samples_so_far"] == N:
+            return it["best_so_far"]["response"]
+    raise ValueError(f"no iteration of prompt {record.get('prompt_id')!r} ends at N = {N} samples "
+                     f"(its iterations end at {[it['samples_so_far'] for it in record['iterations']]})")
 
 
 def bon_forward_calls(records: Mapping[str, Mapping], N: int, ids: Sequence[str], batch_size: int) -> float:
@@ -55,8 +59,8 @@ def method_row(method: str, N: int | None, prompts: int, rows: Sequence[Mapping]
                kl: float | None = None, ci: Mapping | None = None) -> dict:
     """One row of the method table from a curve's rows at budget N (one per prompt).
 
-    The reward's mean and interval and the judges' means are over the rows; ``kl`` defaults to the
-    rows' mean ``kl`` unless ``kl_kind`` is ``"sequence"`` and no curve KL exists (pass None).
+    The reward's mean and interval and the judges' means are over the rows; ``kl`` is the caller's
+    (the rows' mean ``kl`` for best-of-N, AISP and MISVO; None where the curve has no KL).
     """
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kl_kind!r}")
