@@ -160,6 +160,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
     # the second prompt distribution (prepare.n_qa ChatterBot questions): each reading's tuned configuration, its
     # frozen-U twin and best-of-N at N, with no tuning on these prompts
     "transfer": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "batch_size": integer(1)},
+    # the whole procedure again with other seeds: each seed's own tune search (the tune section's arms, rungs and
+    # prompts), then each reading's selection, its frozen-U twin, best-of-N and the tuned sampler on the test prompts
+    "replicate": {"seeds": list_of(SEED), "test_prompts": integer(1), "N": integer(1), "batch_size": integer(1)},
     "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED,
                 "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS},
 }
@@ -196,6 +199,10 @@ STAGES: dict[str, dict[str, Any]] = {
                  "paths": {"prompts_path": "results/prepare/prompts.jsonl",
                            "reward_head_path": "results/prepare/reward_head.safetensors",
                            "tuned_path": "results/tune/selected.json"}},
+    "replicate": {"sections": ["replicate", "tune", "model", "generation", "reward"],
+                  "paths": {"prompts_path": "results/prepare/prompts.jsonl",
+                            "reward_head_path": "results/prepare/reward_head.safetensors",
+                            "sampler_path": "results/samplers/selected.json"}},
     "figures": {"sections": ["figures"],
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
                           "tune_dir": "results/tune", "misvo_dir": "results/misvo",
@@ -206,7 +213,7 @@ STAGES: dict[str, dict[str, Any]] = {
 
 #: The stages that generate per prompt and can share their prompts out across processes
 #: (``launch`` section, :mod:`prelogit.shard`); the others always run as one plain process.
-SHARDED_STAGES = ("bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer")
+SHARDED_STAGES = ("bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer", "replicate")
 
 
 def load(path: str | Path = "params.yaml") -> dict:
@@ -334,6 +341,7 @@ PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
     "recontrol": [("recontrol.n_prompts", "test"), ("recontrol.train_prompts", "train")],
     "theory": [("theory.gauss_prompts", "theory.gauss_split")],
     "transfer": [("transfer.n_prompts", "qa")],
+    "replicate": [("tune.n_prompts+tune.holdout_prompts", "val"), ("replicate.test_prompts", "test")],
 }
 
 
@@ -353,7 +361,7 @@ def check_across_sections(stage: str, params: dict) -> None:
     will ask for, where those sections are present and valid (their own stage reports them
     otherwise), so that a too-small prepare run is caught before it runs.
     """
-    if stage in ("aisp", "tune"):
+    if stage in ("aisp", "tune", "replicate"):
         limit = params["generation"]["max_new_tokens"]
         if stage == "aisp":
             taus = [("aisp.lit_tau", params["aisp"]["lit_tau"])]
@@ -367,6 +375,15 @@ def check_across_sections(stage: str, params: dict) -> None:
                 raise ParameterError(f"{key} = {tau} exceeds generation.max_new_tokens = {limit}: AISP controls "
                                      f"only generated tokens; lower {key} to at most {limit} "
                                      "(tau = max_new_tokens controls every generated token)")
+    if stage == "replicate":
+        seeds, main_seed = params["replicate"]["seeds"], params["tune"]["seed"]
+        if len(set(seeds)) != len(seeds) or main_seed in seeds:
+            raise ParameterError(f"replicate.seeds = {seeds} must be distinct and must not repeat tune.seed = {main_seed} "
+                                 "(the main pipeline's run, which the figures pool with them); choose other seeds")
+        aisp = params.get("aisp")
+        if isinstance(aisp, dict) and "N" in aisp and params["replicate"]["N"] != aisp["N"]:
+            raise ParameterError(f"replicate.N = {params['replicate']['N']} differs from aisp.N = {aisp['N']}: the figures "
+                                 "pool each seed's difference at the main run's budget; set them equal")
     if stage == "samplers":
         limit, tau = params["generation"]["max_new_tokens"], params["samplers"]["tau"]
         if params["samplers"]["sigma_rms"] and tau > limit:
