@@ -76,5 +76,5 @@ def test_command_passes_every_option_without_a_configuration():
 
 
 def test_only_generating_stages_are_sharded():
-    assert set(params.SHARDED_STAGES) == {"bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer"}
+    assert set(params.SHARDED_STAGES) == {"bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer", "replicate"}
     assert not set(params.SHARDED_STAGES) & {"prepare", "theory", "figures"}

@@ -29,6 +29,7 @@ def baseline() -> dict:
     p = params.load(ROOT / "params.yaml")
     p["prepare"].update(n_train=SPLITS["train"], n_val=SPLITS["val"], n_test=SPLITS["test"], n_qa=SPLITS["qa"])
     p["transfer"]["n_prompts"] = SPLITS["qa"]
+    p["replicate"]["test_prompts"] = SPLITS["test"]
     for stage in ("bon", "aisp", "args", "recontrol", "misvo"):
         p[stage]["n_prompts"] = SPLITS["test"]
     p["misvo"].update(val_prompts=SPLITS["val"], rungs=[1, 2])
@@ -110,6 +111,12 @@ CASES = [
     ("args", put("generation.temperature", 0), "generation.temperature must be > 0, got 0"),
     ("theory", put("model.threads", -1), "model.threads must be >= 0, got -1"),
     ("recontrol", put("recontrol.holdout", 1.0), "recontrol.holdout must be >= 0 and < 1, got 1.0"),
+    # the replicate stage: other seeds than the main run's, each once; its own prompt counts
+    ("replicate", put("replicate.seeds", [2, 1]), "must not repeat tune.seed = 1"),
+    ("replicate", put("replicate.seeds", [3, 3]), "replicate.seeds = [3, 3] must be distinct"),
+    ("replicate", put("replicate.seeds", []), "replicate.seeds"),
+    ("replicate", put("replicate.test_prompts", SPLITS["test"] + 1), "replicate.test_prompts = 5 but"),
+    ("prepare", put("replicate.test_prompts", SPLITS["test"] + 1), "the replicate stage asks for replicate.test_prompts = 5"),
     # choices
     ("bon", put("generation.decode", "beam"), "generation.decode must be one of 'sample', 'greedy', got 'beam'"),
     ("tune", lambda p, d: p["tune"]["center"].__setitem__("alpha_mode", "both"),

@@ -39,9 +39,12 @@ pytestmark = pytest.mark.pipeline
 def smoke_params() -> dict:
     """params.yaml rebuilt from the notebooks' parameters cells (the smoke configuration)."""
     out: dict = {}
+    owned = {spec["sections"][0] for spec in params.STAGES.values()}
     for stage, spec in params.STAGES.items():
         nb = pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb"))
         for i, section in enumerate(spec["sections"]):
+            if i > 0 and section in owned:  # a stage's own section takes its own notebook's smoke values (the replicate
+                continue                    # notebook reads the tune section too, with a smaller smoke search for nbval)
             for key in params.SCHEMA[section]:
                 name = key if i == 0 else f"{section}_{key}"
                 out.setdefault(section, {})[key] = ast.literal_eval(nb[name]["default"])

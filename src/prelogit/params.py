@@ -207,7 +207,8 @@ STAGES: dict[str, dict[str, Any]] = {
                 "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
                           "tune_dir": "results/tune", "misvo_dir": "results/misvo",
                           "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol",
-                          "samplers_dir": "results/samplers", "transfer_dir": "results/transfer"}},
+                          "samplers_dir": "results/samplers", "transfer_dir": "results/transfer",
+                          "replicate_dir": "results/replicate"}},
 }
 
 
@@ -380,10 +381,6 @@ def check_across_sections(stage: str, params: dict) -> None:
         if len(set(seeds)) != len(seeds) or main_seed in seeds:
             raise ParameterError(f"replicate.seeds = {seeds} must be distinct and must not repeat tune.seed = {main_seed} "
                                  "(the main pipeline's run, which the figures pool with them); choose other seeds")
-        aisp = params.get("aisp")
-        if isinstance(aisp, dict) and "N" in aisp and params["replicate"]["N"] != aisp["N"]:
-            raise ParameterError(f"replicate.N = {params['replicate']['N']} differs from aisp.N = {aisp['N']}: the figures "
-                                 "pool each seed's difference at the main run's budget; set them equal")
     if stage == "samplers":
         limit, tau = params["generation"]["max_new_tokens"], params["samplers"]["tau"]
         if params["samplers"]["sigma_rms"] and tau > limit:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .comparisons import BON, MISVO, Comparison, aisp, per_prompt
+from .comparisons import BON, MISVO, SAMPLER, Comparison, aisp, per_prompt, twin
 from .io import read_json
 from .metrics import bootstrap_ci
 from .verdict import fmt_interval
@@ -31,7 +31,8 @@ STAGE_TIMES: tuple[tuple[str, str, str], ...] = (
     ("aisp (variance)", "aisp", "variance_seconds"), ("misvo (search)", "misvo", "search_seconds"),
     ("misvo (test)", "misvo", "seconds"), ("theory", "theory", "seconds"), ("args", "args", "seconds"),
     ("recontrol (training)", "recontrol", "train_seconds"), ("recontrol (decoding)", "recontrol", "decode_seconds"),
-    ("transfer (second distribution)", "transfer", "seconds"), ("figures", "figures", "seconds"),
+    ("transfer (second distribution)", "transfer", "seconds"),
+    ("replicate (other seeds: tune, then test)", "replicate", "seconds"), ("figures", "figures", "seconds"),
 )
 
 
@@ -90,6 +91,27 @@ def _stability(reading: str, f: dict) -> str:
             f"minus runner-up {fmt_interval(d)}, {d['decision']}); it stays among the arms kept in {rungs}")
 
 
+def _across_seeds(rep: dict, readings: list[str], N: int) -> str:
+    """The replication paragraph: each reading's arm per seed and its pooled headline contrasts."""
+    parts = []
+    for r in readings:
+        sel = rep["selection"][r]
+        arms = ", ".join(f"seed {s} `{label}`" for s, label in sel["by_seed"].items())
+        text = f"{r} reading: selected {arms} ({sel['distinct']} distinct arm(s) in {sel['seeds']} seeds)"
+        for what, first, second in (("best-of-N", aisp(r), BON), ("its frozen-U twin", aisp(r), twin(r)),
+                                    ("the tuned sampler", aisp(r), SAMPLER)):
+            row = next((x for x in rep["rows"] if x["comparison"] == Comparison(first, second).label and x["N"] == N), None)
+            if row:
+                per = ", ".join(_fmt(c["mean"]) for c in row["per_seed"].values())
+                text += (f"; AISP minus {what} pooled {fmt_interval(row['pooled'])} (per seed {per}; "
+                         f"AISP > {what}: **{row['grade']}**)")
+        parts.append(text)
+    return (f"**Across seeds** (the whole procedure, tune then test, with seeds {', '.join(map(str, rep['seeds']))}; the main "
+            f"run is seed {rep['main_seed']}; at N = {N} on the {rep['test_prompts']} test prompts every seed ran; the "
+            f"tuned sampler `{rep['sampler']}` is the samplers stage's selection, drawn anew per seed): "
+            + "; ".join(parts) + ".")
+
+
 def render_readme_block(results: str | Path = "results") -> str:
     """The README's results section, rendered from the committed results files.
 
@@ -119,6 +141,9 @@ def render_readme_block(results: str | Path = "results") -> str:
         lines += ["", "**How firmly each arm was selected** (the prompts of its deciding rung, the last with two or more "
                   "arms, resampled and the same rule re-applied; the seeds and the CPU's rounding, which act like seeds, are "
                   "not resampled): " + "; ".join(_stability(r, f) for r, f in sel.items()) + "."]
+    rep = fig.get("replication")
+    if rep:
+        lines += ["", _across_seeds(rep, fig["readings"], fig["verdict_N"])]
     ms = fig.get("misvo")
     if ms:
         mc, mv = ms["config"], ms["val_minus_bon"]
@@ -160,6 +185,11 @@ def render_readme_block(results: str | Path = "results") -> str:
     lines += ["", f"**Verdict** (paired bootstrap over prompts, {fig['ci_level']:.0%} intervals; the rule is stated in "
               "`notebooks/figures.ipynb`):", ""]
     lines += (figs / "verdict.md").read_text().rstrip("\n").splitlines()
+    if rep:
+        lines += ["", f"**Across seeds** (seeds {', '.join(map(str, rep['seeds']))}, each tuned and tested anew; per seed the "
+                  f"mean difference on the {rep['test_prompts']} test prompts every seed ran, then the pooled interval and "
+                  "the grade by the rule stated in `notebooks/figures.ipynb`):", ""]
+        lines += (figs / "replication.md").read_text().rstrip("\n").splitlines()
     lines += ["", "**The paper's claims on the embedded default:**", ""]
     lines += (figs / "claims.md").read_text().rstrip("\n").splitlines()
     lines += ["", "**Results table:**", ""]

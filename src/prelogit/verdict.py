@@ -279,7 +279,7 @@ def claims_markdown(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _signed(x: float, digits: int) -> str:
+def signed(x: float, digits: int) -> str:
     """``x`` with its sign; a non-zero value that rounds to zero gets up to three more digits, so
     that an interval end just below or above 0 does not read as 0 (the decisions compare with 0)."""
     s = f"{x:+.{digits}f}"
@@ -297,4 +297,4 @@ def fmt_interval(cmp: Mapping, digits: int = 2) -> str:
         raise ParameterError(f"cmp must have the key 'mean', got {cmp!r}")
     check_number("cmp['mean']", cmp["mean"])
     check_number("digits", digits, low=0, integer=True)
-    return f"{_signed(cmp['mean'], digits)} [{_signed(lo, digits)}, {_signed(hi, digits)}]"
+    return f"{signed(cmp['mean'], digits)} [{signed(lo, digits)}, {signed(hi, digits)}]"
