@@ -94,3 +94,11 @@ def test_selections_count_each_arm_over_the_seeds():
 def test_a_method_that_is_not_pooled_is_named():
     with pytest.raises(ValueError, match="MISVO is not pooled"):
         pooling.values(seed_curves(1.0, 1), pooling.Method("misvo"), N)
+
+
+def test_what_wins_over_seeds_needs_each_part_held():
+    both = pooling.pooled_rows({s: seed_curves(1.0, s, twin_gain=0.25) for s in (1, 2, 3)}, ["greedy"], [N], n_boot=200)
+    assert pooling.what_wins(both, "greedy", N) == "the adaptation and the sampler"
+    none = pooling.pooled_rows({s: seed_curves(0.0, s) for s in (1, 2, 3)}, ["greedy"], [N], n_boot=200)
+    assert pooling.what_wins(none, "greedy", N) == "neither"
+    assert pooling.what_wins(none, "greedy", 32) is None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,8 @@ def pool(by_seed: Mapping[int, Curves], comparison: Comparison, N: int, n_boot: 
     shared = sorted(set.intersection(*(set(firsts[s]) & set(seconds[s]) for s in seeds))) if seeds else []
     if len(shared) < 2:
         return None
-    ci = {"n_boot": n_boot, "level": level, "seed": seed, "power": power, "names": comparison.decision_names}
+    ci: dict[str, Any] = {"n_boot": n_boot, "level": level, "seed": seed, "power": power,
+                          "names": comparison.decision_names}
     per_seed = {str(s): verdict.compare([firsts[s][p] for p in shared], [seconds[s][p] for p in shared], **ci)
                 for s in seeds}
     pooled = verdict.compare([float(np.mean([firsts[s][p] for s in seeds])) for p in shared],
@@ -146,13 +148,29 @@ def selections(selected: Mapping[int, Mapping[str, str]]) -> dict[str, dict]:
     return out
 
 
+def what_wins(rows: Sequence[Mapping], reading: str, N: int) -> str | None:
+    """What wins for one reading at N over the seeds, as :func:`prelogit.verdict.what_wins` says it for one
+    seed, from the pooled grades of AISP - its twin (the adaptation) and the twin - best-of-N (the
+    sampler): a part wins only when its claim is held over the seeds. None without both rows."""
+    adaptation = find(rows, Comparison(aisp(reading), twin(reading)), N)
+    sampler = find(rows, Comparison(twin(reading), BON), N)
+    if adaptation is None or sampler is None:
+        return None
+    a, s = adaptation["grade"], sampler["grade"]
+    if a == verdict.HELD:
+        return "the adaptation and the sampler" if s == verdict.HELD else "the adaptation"
+    if s == verdict.HELD:
+        return "the sampler; the adaptation loses part of it" if a == verdict.NOT_HELD else "the sampler"
+    return "neither"
+
+
 def claim(rows: Sequence[Mapping], comparison: Comparison, N: int, what: str) -> dict | None:
     """The claim ``what`` graded by the pooled rule from ``comparison``'s row at N (None if there is none):
     ``{"claim", "verdict", "n_prompts", "evidence"}`` as :mod:`prelogit.claims` builds them."""
     r = find(rows, comparison, N)
     if r is None:
         return None
-    per = ", ".join(f"seed {s} {verdict.signed(c['mean'], 2)}" for s, c in r["per_seed"].items())
+    per = ", ".join(verdict.signed(c["mean"], 2) for c in r["per_seed"].values())
     why = ""
     if len(r["seeds"]) < MIN_SEEDS:
         why = f" Fewer than {MIN_SEEDS} seeds: inconclusive by the stated rule."
@@ -161,7 +179,7 @@ def claim(rows: Sequence[Mapping], comparison: Comparison, N: int, what: str) ->
     return {"claim": what, "verdict": r["grade"], "n_prompts": r["prompts"],
             "evidence": f"N = {N}, the {r['prompts']} test prompts every seed ran, seeds {', '.join(map(str, r['seeds']))} "
                         f"(each tuned and tested anew): {comparison.label} pooled {verdict.fmt_interval(r['pooled'])}; "
-                        f"per seed {per}.{why}"}
+                        f"per seed ({', '.join(r['per_seed'])}): {per}.{why}"}
 
 
-__all__ = ["MIN_SEEDS", "contrasts", "values", "grade", "pool", "pooled_rows", "find", "markdown", "selections", "claim"]
+__all__ = ["MIN_SEEDS", "contrasts", "values", "grade", "pool", "pooled_rows", "find", "markdown", "selections", "what_wins", "claim"]

@@ -97,7 +97,8 @@ def _across_seeds(rep: dict, readings: list[str], N: int) -> str:
     for r in readings:
         sel = rep["selection"][r]
         arms = ", ".join(f"seed {s} `{label}`" for s, label in sel["by_seed"].items())
-        text = f"{r} reading: selected {arms} ({sel['distinct']} distinct arm(s) in {sel['seeds']} seeds)"
+        text = (f"**{r} reading: what wins over the seeds is {rep['what_wins'][r]}**; selected {arms} "
+                f"({sel['distinct']} distinct arm(s) in {sel['seeds']} seeds)")
         for what, first, second in (("best-of-N", aisp(r), BON), ("its frozen-U twin", aisp(r), twin(r)),
                                     ("the tuned sampler", aisp(r), SAMPLER)):
             row = next((x for x in rep["rows"] if x["comparison"] == Comparison(first, second).label and x["N"] == N), None)
@@ -222,8 +223,8 @@ def render_readme_block(results: str | Path = "results") -> str:
                  f"({th['gauss_share_pass_bonferroni']:.0%} after Bonferroni), mean excess kurtosis "
                  f"{th['gauss_mean_excess_kurtosis']:.2f}; importance sampling's ESS halves at D = {th['ess_dim_at_half']:.0f}.")
     lines.append("")
-    lines.append("Measured stage times on this machine (seconds, from the stages' `timing.json` files; model loading and "
-                 "notebook start-up not included):")
+    lines.append("Measured stage times (seconds, from the stages' `timing.json` files, each from the stage's last run on "
+                 "the machine it ran on; model loading and notebook start-up not included):")
     lines.append("")
     lines.append("| stage | seconds |")
     lines.append("|---|---:|")
