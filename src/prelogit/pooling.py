@@ -156,12 +156,7 @@ def what_wins(rows: Sequence[Mapping], reading: str, N: int) -> str | None:
     sampler = find(rows, Comparison(twin(reading), BON), N)
     if adaptation is None or sampler is None:
         return None
-    a, s = adaptation["grade"], sampler["grade"]
-    if a == verdict.HELD:
-        return "the adaptation and the sampler" if s == verdict.HELD else "the adaptation"
-    if s == verdict.HELD:
-        return "the sampler; the adaptation loses part of it" if a == verdict.NOT_HELD else "the sampler"
-    return "neither"
+    return verdict.what_wins_by_grade(adaptation["grade"], sampler["grade"])
 
 
 def claim(rows: Sequence[Mapping], comparison: Comparison, N: int, what: str) -> dict | None:

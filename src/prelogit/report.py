@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import pooling
 from .comparisons import BON, MISVO, SAMPLER, Comparison, aisp, per_prompt, twin
 from .io import read_json
 from .metrics import bootstrap_ci
@@ -101,7 +102,7 @@ def _across_seeds(rep: dict, readings: list[str], N: int) -> str:
                 f"({sel['distinct']} distinct arm(s) in {sel['seeds']} seeds)")
         for what, first, second in (("best-of-N", aisp(r), BON), ("its frozen-U twin", aisp(r), twin(r)),
                                     ("the tuned sampler", aisp(r), SAMPLER)):
-            row = next((x for x in rep["rows"] if x["comparison"] == Comparison(first, second).label and x["N"] == N), None)
+            row = pooling.find(rep["rows"], Comparison(first, second), N)
             if row:
                 per = ", ".join(_fmt(c["mean"]) for c in row["per_seed"].values())
                 text += (f"; AISP minus {what} pooled {fmt_interval(row['pooled'])} (per seed {per}; "

@@ -155,12 +155,17 @@ def what_wins(adaptation: Mapping, sampler: Mapping) -> str:
     """
     if _too_few(adaptation) or _too_few(sampler):
         return f"undecided (fewer than {MIN_PROMPTS} prompts)"
-    adapt_lo, adapt_hi = _interval(adaptation)
-    samp_lo, _ = _interval(sampler)
-    if adapt_lo > 0:
-        return "the adaptation and the sampler" if samp_lo > 0 else "the adaptation"
-    if samp_lo > 0:
-        return "the sampler; the adaptation loses part of it" if adapt_hi < 0 else "the sampler"
+    return what_wins_by_grade(superiority_claim(adaptation), superiority_claim(sampler))
+
+
+def what_wins_by_grade(adaptation: str, sampler: str) -> str:
+    """:func:`what_wins` from the grades (:data:`GRADES`) of "AISP > its twin" (the adaptation) and
+    "the twin > best-of-N" (the sampler), however they were graded (one run's interval, or pooled
+    over seeds by :mod:`prelogit.pooling`): a part wins when its claim is held."""
+    if adaptation == HELD:
+        return "the adaptation and the sampler" if sampler == HELD else "the adaptation"
+    if sampler == HELD:
+        return "the sampler; the adaptation loses part of it" if adaptation == NOT_HELD else "the sampler"
     return "neither"
 
 
