@@ -32,7 +32,7 @@ REPRO_FLAGS = $(if $(filter 1,$(FORCE)), --force)$(if $(filter 1,$(DRY)), --dry)
 repro: setup
 	$(BIN)/dvc repro$(REPRO_FLAGS)
 
-# ruff over the package, the tests and the benchmarks; mypy over the modules pyproject.toml lists
+# ruff over the package, the tests and the benchmarks; mypy over the package (pyproject.toml's [tool.mypy])
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy

@@ -24,6 +24,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any, cast
 
 import torch
 
@@ -195,7 +196,8 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
     meters = [CostMeter() for _ in range(P)]
     pre = _prefill(sampler, prompts, meters)
     U = [torch.zeros(B, c.tau, d) for c in cfgs]  # per prompt: tau differs between configs
-    best = [{"reward": float("-inf"), "response": None, "iteration": None, "chain": None} for _ in range(P)]
+    best: list[dict[str, Any]] = [{"reward": float("-inf"), "response": None, "iteration": None, "chain": None}
+                                  for _ in range(P)]
     iterations: list[list[dict]] = [[] for _ in range(P)]
     for k in range(1, K + 1):
         # Drawn prompt by prompt from each prompt's own generator, in prompt order.
@@ -227,12 +229,14 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                 rec["U_norm"].append(float(U[p][b].norm()))
                 rec["kl"].append(float(kl_to_base(U[p][b], c.sigma)))
             iterations[p].append(rec)
-    finals = [None] * P
+    finals: list[dict[str, Any] | None] = [None] * P
     if final_rollout:
         gens = _generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode,
                          record_kl=True)
         scores = _score(reward, user_texts, gens, meters)
-        finals = [{"responses": g.texts, "rewards": s.tolist(), "kl": g.kl.tolist()} for g, s in zip(gens, scores)]
+        # g.kl is set: record_kl=True
+        finals = [{"responses": g.texts, "rewards": s.tolist(), "kl": cast(torch.Tensor, g.kl).tolist()}
+                  for g, s in zip(gens, scores)]
     return [{"method": "aisp", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
              "iterations": iterations[p], "final_rollout": finals[p],
              "kl_final": [float(kl_to_base(U[p][b], cfgs[p].sigma)) for b in range(B)], "cost": meters[p].as_dict()}

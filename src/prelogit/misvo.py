@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 
@@ -331,7 +332,8 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     pre = _prefill(sampler, prompts, meters)
     U = [torch.zeros(T, d, dtype=torch.float64, device=W.device) for _ in range(P)]
     ref: list[ReferenceFisher | None] = [None] * P
-    best = [{"reward": float("-inf"), "response": None, "step": None, "index": None} for _ in range(P)]
+    best: list[dict[str, Any]] = [{"reward": float("-inf"), "response": None, "step": None, "index": None}
+                                  for _ in range(P)]
     iterations: list[list[dict]] = [[] for _ in range(P)]
     for k in range(1, N + 1):
         # the control the sampler applies is u rounded to float32; the algebra uses that same value
@@ -342,6 +344,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         for p in range(P):
             c, g, r = cfgs[p], gens[p], scores[p]
             Z = g.prelogits  # (K, T_used, d), unsteered
+            assert Z is not None  # record_prelogits=True above
             mask = _position_mask(g.lengths.to(W.device), Z.shape[1])
             if k == 1 and c.lam > 0 and c.fisher == "reference":
                 ref[p] = reference_fisher(W, b, Z, mask, tau)
@@ -354,7 +357,8 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
             del logp, logq
             step = grad
             if c.lam > 0:
-                Fu = U[p] if c.fisher == "identity" else ref[p].apply(W, U[p]).to(torch.float64)
+                # ref[p] was set at k = 1 (lam > 0 and fisher "reference")
+                Fu = U[p] if c.fisher == "identity" else cast(ReferenceFisher, ref[p]).apply(W, U[p]).to(torch.float64)
                 step = grad - c.lam * Fu
             rec = {"k": k, "samples_so_far": K * k, "rewards": r.tolist(), "responses": g.texts,
                    "lengths": g.lengths.tolist(), "u_norm": float(U[p].norm()), "grad_norm": float(grad.norm()),
@@ -362,13 +366,14 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
             U[p] = U[p] + c.eta * step
             rec["u_norm_next"] = float(U[p].norm())
             iterations[p].append(rec)
-    finals = [None] * P
+    finals: list[dict[str, Any] | None] = [None] * P
     if final_rollout:
         gens = _generate(sampler, pre, [1] * P, meters, controls=[u.float()[None].cpu() for u in U],
                          generators=generators, decode="sample", record_kl=True)
         scores = _score(reward, user_texts, gens, meters)
-        finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl": g.kl.tolist(), "u_norm": float(u.norm())}
-                  for g, s_, u in zip(gens, scores, U)]
+        # g.kl is set: record_kl=True
+        finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl": cast(torch.Tensor, g.kl).tolist(),
+                   "u_norm": float(u.norm())} for g, s_, u in zip(gens, scores, U)]
     return [{"method": "misvo", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
              "iterations": iterations[p], "final_rollout": finals[p], "cost": meters[p].as_dict()} for p in range(P)]
 

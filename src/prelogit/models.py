@@ -60,7 +60,8 @@ def convert_embedded_model(cache_dir: str | os.PathLike | None = None, dtype: st
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # De-quantise in float32 (the GGUF kernels compute in float32), then cast.
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model = model.to(dtype)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which mypy reads as unbound
+        model = model.to(dtype)  # type: ignore[arg-type]
         # save_pretrained would otherwise try to write the GGUF quantisation state.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -134,7 +135,7 @@ def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat1
             f"could not load model {name_or_path!r} from {where}: {err.__class__.__name__}. "
             "Check the id, hub access and HF_TOKEN, or download it first and pass its local folder") from err
     if placement is None:  # a dispatched model is already where accelerate put it; .to() would undo that
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # PreTrainedModel.to: see convert_embedded_model
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:

@@ -484,8 +484,6 @@ def enter_project_root() -> Path:
     Notebooks use paths relative to the repository root; JupyterLab and nbval start the kernel in
     ``notebooks/``, papermill (``--cwd .``) in the root. This makes all three agree.
     """
-    import os
-
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").exists():

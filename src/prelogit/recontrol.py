@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -129,8 +130,9 @@ def collect_training_data(sampler: PrelogitSampler, prompts: Sequence[str], user
         meter.add_generation(g)
     texts = [t for g in gens for t in g.texts]
     rewards = meter.score_pairs(reward, [u for u in user_texts for _ in range(samples_per_prompt)], texts)
-    T = max(g.prelogits.shape[1] for g in gens)
-    z = torch.cat([nn.functional.pad(g.prelogits, (0, 0, 0, T - g.prelogits.shape[1])) for g in gens])
+    recorded = [cast(torch.Tensor, g.prelogits) for g in gens]  # set: record_prelogits=True above
+    T = max(zg.shape[1] for zg in recorded)
+    z = torch.cat([nn.functional.pad(zg, (0, 0, 0, T - zg.shape[1])) for zg in recorded])
     index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
     return ValueDataset(prelogits=z, lengths=torch.cat([g.lengths for g in gens]), rewards=rewards,
                         prompt_index=index, texts=texts, cost=meter)

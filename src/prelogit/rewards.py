@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -519,8 +519,9 @@ class HFRewardModel:
     def format(self, prompt: str, response: str) -> str:
         """The text the reward model reads for one pair."""
         if self.has_template:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+            # tokenize=False: the rendered text (transformers types the return as a union of all its modes)
+            return cast(str, self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False))
         return f"Human: {prompt}\n\nAssistant: {response}"
 
     @torch.no_grad()

@@ -66,7 +66,7 @@ def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, 
     device = process_device(device)
     encoder = MiniLMEncoder(device=device)
     if reward_kind == "embedded":
-        spec = {"kind": "embedded", "head": reward_head_path}
+        spec: dict[str, str | None] = {"kind": "embedded", "head": reward_head_path}
     else:
         spec = {"kind": reward_kind, "name": reward_name, "dtype": reward_dtype, "device": device}
     return build_reward(spec, encoder=encoder, device=device), build_judges(encoder), encoder

@@ -79,7 +79,7 @@ class SamplerArm:
         return {"label": self.label, "kind": self.kind, **{f: getattr(self, f) for f in fields}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplerArm":
+    def from_dict(cls, d: dict) -> SamplerArm:
         """The arm :meth:`as_dict` wrote (``label`` ignored)."""
         return cls(**{k: v for k, v in d.items() if k != "label"})
 

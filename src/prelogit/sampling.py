@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import DynamicCache
@@ -246,7 +247,8 @@ def _select_rows(cache: DynamicCache, idx: torch.Tensor) -> None:
     on = _OnDevice(idx)
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
-        layer.batch_select_indices(on(keys) if isinstance(keys, torch.Tensor) else idx)
+        # every layer type a DynamicCache holds here has batch_select_indices (transformers types the list as a union)
+        cast(DynamicLayer, layer).batch_select_indices(on(keys) if isinstance(keys, torch.Tensor) else idx)
 
 
 class PrelogitSampler:
@@ -330,7 +332,8 @@ class PrelogitSampler:
             mask[i, P - len(x):] = 1
         # Positions count each prompt's own tokens (0 at its first real token), as in generate().
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        zs, kv_parts = [], []
+        zs: list[torch.Tensor] = []
+        kv_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         hook = _HeadHook(self.head, self.device)
         try:
             for s in range(0, len(ids), self.max_rows):
@@ -338,8 +341,11 @@ class PrelogitSampler:
                 self.model(input_ids=pad[s:s + self.max_rows], attention_mask=mask[s:s + self.max_rows],
                            position_ids=positions[s:s + self.max_rows], past_key_values=cache, use_cache=True,
                            logits_to_keep=1)
+                assert hook.last is not None  # the head's hook ran in the forward pass above
                 zs.append(hook.last)
-                kv_parts.append([(layer.keys, layer.values) for layer in cache.layers])
+                # after that pass every layer holds its keys and values (transformers types them as optional)
+                kv_parts.append(cast("list[tuple[torch.Tensor, torch.Tensor]]",
+                                     [(layer.keys, layer.values) for layer in cast("list[DynamicLayer]", cache.layers)]))
         finally:
             hook.remove()
         kv = [(torch.cat([part[i][0] for part in kv_parts]), torch.cat([part[i][1] for part in kv_parts]))
@@ -393,6 +399,7 @@ class PrelogitSampler:
         """Next token per row from logits (b, V): argmax, or the inverse-CDF draw of the uniforms u (b,)."""
         if decode == "greedy":
             return logits.float().argmax(dim=-1)
+        assert u is not None  # generate_many draws the uniforms whenever it samples without a chooser
         return inverse_cdf_sample(self.next_token_probs(logits), u)
 
     def generate(self, prompt: str | Sequence[int] | torch.Tensor | Prefill, n: int,
@@ -449,7 +456,7 @@ class PrelogitSampler:
         for i, c in enumerate(counts):
             check_number(f"counts[{i}]" if len(counts) > 1 else "n", c, low=1, integer=True)
         reuse = isinstance(prompts, Prefill)
-        if (len(prompts) if reuse else len(list(prompts))) != len(counts):
+        if (len(prompts) if isinstance(prompts, Prefill) else len(list(prompts))) != len(counts):
             raise ParameterError(f"give one count per prompt: {len(prompts)} prompts, {len(counts)} counts")
         generators = list(generators) if generators is not None else [None] * len(counts)
         if len(generators) != len(counts):
@@ -464,7 +471,7 @@ class PrelogitSampler:
             control = self._stack_controls(controls, counts)
             fn = control_fn(control) if control is not None else None
 
-        pre = prompts if reuse else self.prefill(prompts)
+        pre = prompts if isinstance(prompts, Prefill) else self.prefill(prompts)
         B, R = len(counts), sum(counts)
         prompt_of_row = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))
         # One uniform per (row, step), drawn prompt by prompt from the prompt's own generator.
@@ -535,7 +542,7 @@ class PrelogitSampler:
         mask = torch.cat([pre.mask[src], torch.ones(len(rows), T, dtype=torch.long, device=self.device)], dim=1)
         plen = pre.lengths[src]
         active = rows
-        nxt = None
+        nxt: torch.Tensor | None = None
         for t in range(T):
             if fn is not None:
                 hook.fn = lambda z, t=t, r=active: fn(z, t, r)
@@ -543,6 +550,7 @@ class PrelogitSampler:
                 # The first token's pre-logit comes from the prefill: only the head runs.
                 logits = self.head(pre.z[on(pre.z)].unsqueeze(1))[:, -1]
             else:
+                assert nxt is not None  # chosen at step t - 1
                 logits = self.model(input_ids=nxt[:, None], attention_mask=mask[:, : P + t],
                                     position_ids=(plen + t - 1)[:, None], past_key_values=cache, use_cache=True,
                                     logits_to_keep=1).logits[:, -1]
@@ -550,6 +558,7 @@ class PrelogitSampler:
             hook.fn = None
             z = hook.last
             if prelogits is not None:
+                assert z is not None  # the head's hook ran for this step
                 prelogits[active, t] = z.float().cpu()
             if chooser is not None:
                 nxt = chooser(logits, t, active, tokens[active, :t]).to(logits.device)
@@ -557,6 +566,7 @@ class PrelogitSampler:
                 nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
             if kl is not None:
                 # The unsteered logits on the same prefix: the head on the recorded z (hook.fn is off now).
+                assert z is not None  # the head's hook ran for this step
                 base = logits if fn is None else self.head(z.unsqueeze(1))[:, -1].to(logits.device)
                 kl[active] += self.token_kl(logits, base, nxt if decode == "greedy" else None).cpu()
             tokens[active, t] = nxt.cpu()

@@ -133,24 +133,25 @@ def candidate_arms(center: dict, sweeps: dict[str, list], n_random: int, seed: i
         by_mode: dict[str, list] = {center[mode_key]: [center[factor]]}
         for key, (f, mode) in SWEEPS.items():
             if f == factor and sweeps.get(key):
+                assert mode is not None  # the sweeps of a factor with modes (lam, alpha) each carry one
                 by_mode[mode] = _unique(by_mode.get(mode, []) + list(sweeps[key]))
         allowed[factor] = by_mode
     rng = random.Random(seed)
     for i in range(1, n_random + 1):
-        arm: dict[str, Any] = {}
+        drawn: dict[str, Any] = {}
         for f in ("sigma_rms", "lam", "alpha", "tau", "n", "decode"):  # a fixed draw order
             if f in MODE_OF:  # the mode first, then a value of that mode
-                arm[MODE_OF[f]] = rng.choice(list(allowed[f]))
-                arm[f] = rng.choice(allowed[f][arm[MODE_OF[f]]])
+                drawn[MODE_OF[f]] = rng.choice(list(allowed[f]))
+                drawn[f] = rng.choice(allowed[f][drawn[MODE_OF[f]]])
             else:
-                arm[f] = rng.choice(allowed[f])
-        arms.append({"label": f"random-{i}", **{f: arm[f] for f in FACTORS}})
+                drawn[f] = rng.choice(allowed[f])
+        arms.append({"label": f"random-{i}", **{f: drawn[f] for f in FACTORS}})
 
     out, seen = [], set()
     for arm in arms:
-        key = _factors(arm)
-        if key not in seen:
-            seen.add(key)
+        arm_key = _factors(arm)
+        if arm_key not in seen:
+            seen.add(arm_key)
             out.append(arm)
     return out
 
@@ -355,9 +356,9 @@ def one_factor_arms(center: dict, sweeps: dict[str, list]) -> list[dict]:
         arms += [dict(arms[0], **{key: v}, label=f"{key}={v}") for v in values]
     out, seen = [], set()
     for arm in arms:
-        key = tuple(arm[f] for f in factors)
-        if key not in seen:
-            seen.add(key)
+        arm_key = tuple(arm[f] for f in factors)
+        if arm_key not in seen:
+            seen.add(arm_key)
             out.append(arm)
     return out
 
@@ -428,7 +429,8 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
     out: dict[tuple[int, str], dict] = {}
     for key in sorted(groups):
         members = groups[key]
-        run = run_aisp_many if key[0] == "aisp" else run_misvo_many
+        # each group holds configs of one kind (key[0]), so the list below suits the function chosen
+        run: Callable[..., list[dict]] = run_aisp_many if key[0] == "aisp" else run_misvo_many
         decode = None if key[-1] == "None" else key[-1]
         step = max_prompts or len(members)
         for start in range(0, len(members), step):
