@@ -37,7 +37,8 @@ def _worker(dtype: str, head_fp32: bool, what: str, prompts_path: str, head_path
     """Run one measurement in this process; returns its timings (and greedy tokens)."""
     import torch
 
-    from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many, run_best_of_n_many
+    from prelogit.aisp import AISPConfig, run_aisp_many
+    from prelogit.engine import prompt_generator, run_best_of_n_many
     from prelogit.runs import build_sampler, build_scorers, load_prompts
 
     sampler, _ = build_sampler("embedded", dtype, "cpu", "models", 16, "sample", 1.0, 0, 1.0, THREADS)

@@ -33,7 +33,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many, run_best_of_n_many  # noqa: E402
+from prelogit.aisp import AISPConfig, run_aisp_many  # noqa: E402
+from prelogit.engine import prompt_generator, run_best_of_n_many  # noqa: E402
 from prelogit.io import write_json  # noqa: E402
 from prelogit.runs import build_sampler, build_scorers, load_prompts  # noqa: E402
 

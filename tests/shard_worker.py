@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toy_rewards import VowelShare  # noqa: E402
 
 from prelogit import shard  # noqa: E402
-from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many, run_best_of_n_many  # noqa: E402
+from prelogit.aisp import AISPConfig, run_aisp_many  # noqa: E402
+from prelogit.engine import prompt_generator, run_best_of_n_many  # noqa: E402
 from prelogit.misvo import MISVOConfig, run_misvo_many  # noqa: E402
 from prelogit.sampling import PrelogitSampler  # noqa: E402
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from prelogit.aisp import AISPConfig, frozen_twin, prompt_generator, run_aisp, run_best_of_n
+from prelogit.aisp import AISPConfig, frozen_twin, run_aisp
+from prelogit.engine import prompt_generator, run_best_of_n
 from prelogit.checks import ParameterError
 from prelogit.rewards import RewardError
 from prelogit.sampling import PrelogitSampler
@@ -153,7 +154,7 @@ def test_aisp_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
 
 
 def test_best_of_n_many_equals_each_prompt_alone(tiny_lm64, tokenizer):
-    from prelogit.aisp import run_best_of_n_many
+    from prelogit.engine import run_best_of_n_many
 
     s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=5, max_rows=5)
     alone = [run_best_of_n(s, VowelShare(), p, p, 6, prompt_generator(1, p)) for p in MANY]

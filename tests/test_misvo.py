@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from prelogit.aisp import prompt_generator, run_best_of_n
+from prelogit.engine import prompt_generator, run_best_of_n
 from prelogit.checks import ParameterError
 from prelogit.misvo import (MISVOConfig, fisher_vector_product, loo_advantages, run_misvo, run_misvo_many,
                             score_gradient, sequence_kl)

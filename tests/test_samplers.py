@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prelogit.aisp import prompt_generator, run_best_of_n_many
+from prelogit.engine import prompt_generator, run_best_of_n_many
 from prelogit.checks import ParameterError
 from prelogit.samplers import SamplerArm, budgets_up_to, candidate_arms, pair_generator, run_arm_many, run_pairs
 from prelogit.sampling import PrelogitSampler

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from prelogit.aisp import AISPConfig, prompt_generator, run_aisp_many
+from prelogit.aisp import AISPConfig, run_aisp_many
+from prelogit.engine import prompt_generator
 from prelogit.checks import ParameterError
 from prelogit.sampling import PrelogitSampler
 from toy_rewards import VowelShare

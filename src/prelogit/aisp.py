@@ -1,4 +1,4 @@
-"""AISP and best-of-N over a set of prompts, with the same sampler and the same accounting (spec section 5).
+"""AISP over a set of prompts (spec section 5), on the engine best-of-N also runs on (:mod:`prelogit.engine`).
 
 AISP keeps a control mean U (tau, d) per prompt and chain. Each iteration draws n control inputs
 V_i = U + eps_i, eps_i ~ N(0, sigma^2 I), generates one response per V_i, scores them, and moves U
@@ -20,19 +20,21 @@ curve at budgets N = B * n * k.
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, cast
 
 import torch
 
-from .checks import ParameterError, check_aisp_params, check_choice, check_number
+from .checks import ParameterError, check_aisp_params, check_choice
 from .control import effective_sample_size, log_weight_terms, normalised_weights, update_mean
+from .engine import check_prompt_lists, generate, prefill, score
+# best-of-N and the per-prompt RNG live in the engine; imported here for the notebooks that take them from
+# prelogit.aisp (they change with their stages' next re-run)
+from .engine import prompt_generator, run_best_of_n, run_best_of_n_many  # noqa: F401
 from .metrics import CostMeter
-from .rewards import RewardModel, check_scores
-from .sampling import Generation, PrelogitSampler
+from .rewards import RewardModel
+from .sampling import PrelogitSampler
 from .theory import kl_to_base
 
 LAM_MODES = ("absolute", "std")
@@ -80,64 +82,6 @@ def frozen_twin(cfg: AISPConfig) -> AISPConfig:
     minus its twin is what the adaptation of U adds. With n K draws at U = 0 it is also the K = 1
     limit (n = N), and the lambda -> 0 limit of a search that cannot move U."""
     return replace(cfg, alpha=0.0, alpha_mode="step", final_rollout=False)
-
-
-def prompt_generator(seed: int, key: int | str) -> torch.Generator:
-    """The RNG of one prompt under run seed ``seed``; ``key`` is the prompt's id (or index).
-
-    Derived from (seed, key) alone, by hashing, so a prompt's draws do not depend on its position
-    in a list, on the other prompts of its batch, or on the process it runs in.
-    """
-    digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def _check_prompt_lists(prompts: Sequence[str], user_texts: Sequence[str], generators: Sequence) -> None:
-    if isinstance(prompts, str) or isinstance(user_texts, str):
-        raise ParameterError("prompts and user_texts must be lists of strings, not a single string")
-    if not (len(prompts) == len(user_texts) == len(generators)) or not prompts:
-        raise ParameterError(f"give one user text and one generator per prompt: {len(prompts)} prompts, "
-                             f"{len(user_texts)} user texts, {len(generators)} generators")
-
-
-def _generate(sampler: PrelogitSampler, pre, counts: list[int], meters: list[CostMeter], **kwargs) -> list[Generation]:
-    """One sampler call for all prompts; its wall-clock is shared out by generated tokens."""
-    t0 = time.perf_counter()
-    gens = sampler.generate_many(pre, counts, **kwargs)
-    seconds = time.perf_counter() - t0
-    total = sum(g.new_tokens for g in gens) or 1
-    for g, m in zip(gens, meters):
-        m.add_generation(g)
-        m.time_generation_s += seconds * g.new_tokens / total
-    return gens
-
-
-def _score(reward: RewardModel, user_texts: Sequence[str], gens: list[Generation], meters: list[CostMeter]) -> list[torch.Tensor]:
-    """One reward call on every prompt's responses; returns each prompt's scores (float32)."""
-    prompts = [u for u, g in zip(user_texts, gens) for _ in g.texts]
-    texts = [t for g in gens for t in g.texts]
-    t0 = time.perf_counter()
-    scores = reward.score(prompts, texts)
-    seconds = time.perf_counter() - t0
-    scores = check_scores(scores, len(texts), getattr(reward, "name", type(reward).__name__))
-    out, start = [], 0
-    for g, m in zip(gens, meters):
-        out.append(scores[start:start + len(g.texts)])
-        start += len(g.texts)
-        m.add_scored(len(g.texts))
-        m.time_reward_s += seconds * len(g.texts) / max(len(texts), 1)
-    return out
-
-
-def _prefill(sampler: PrelogitSampler, prompts: Sequence[str], meters: list[CostMeter]):
-    """The prompts' shared prefill, charged as one forward call (and its time) to each prompt."""
-    t0 = time.perf_counter()
-    pre = sampler.prefill(prompts)
-    seconds = time.perf_counter() - t0
-    for m in meters:
-        m.forward_calls += 1
-        m.time_generation_s += seconds / len(meters)
-    return pre
 
 
 SHARED_FIELDS = ("n", "K", "B", "final_rollout")
@@ -189,12 +133,12 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
     Raises:
         ParameterError: a list of configs of the wrong length, or whose n, K, B or final_rollout differ.
     """
-    _check_prompt_lists(prompts, user_texts, generators)
+    check_prompt_lists(prompts, user_texts, generators)
     P, d = len(prompts), sampler.d
     cfgs = per_prompt_configs(cfg, P)
     B, n, K, final_rollout = cfgs[0].B, cfgs[0].n, cfgs[0].K, cfgs[0].final_rollout
     meters = [CostMeter() for _ in range(P)]
-    pre = _prefill(sampler, prompts, meters)
+    pre = prefill(sampler, prompts, meters)
     U = [torch.zeros(B, c.tau, d) for c in cfgs]  # per prompt: tau differs between configs
     best: list[dict[str, Any]] = [{"reward": float("-inf"), "response": None, "iteration": None, "chain": None}
                                   for _ in range(P)]
@@ -203,9 +147,9 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
         # Drawn prompt by prompt from each prompt's own generator, in prompt order.
         V = [U[p][:, None] + torch.randn(B, n, cfgs[p].tau, d, generator=generators[p]) * cfgs[p].sigma
              for p in range(P)]  # each (B, n, tau_p, d)
-        gens = _generate(sampler, pre, [B * n] * P, meters, controls=[v.reshape(B * n, v.shape[2], d) for v in V],
+        gens = generate(sampler, pre, [B * n] * P, meters, controls=[v.reshape(B * n, v.shape[2], d) for v in V],
                          generators=generators, decode=decode)
-        scores = _score(reward, user_texts, gens, meters)
+        scores = score(reward, user_texts, gens, meters)
         for p in range(P):
             c, r, g = cfgs[p], scores[p].view(B, n), gens[p]
             i_best = int(torch.argmax(r.view(-1)))
@@ -231,9 +175,9 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
             iterations[p].append(rec)
     finals: list[dict[str, Any] | None] = [None] * P
     if final_rollout:
-        gens = _generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode,
+        gens = generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode,
                          record_kl=True)
-        scores = _score(reward, user_texts, gens, meters)
+        scores = score(reward, user_texts, gens, meters)
         # g.kl is set: record_kl=True
         finals = [{"responses": g.texts, "rewards": s.tolist(), "kl": cast(torch.Tensor, g.kl).tolist()}
                   for g, s in zip(gens, scores)]
@@ -265,46 +209,3 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
         final mean, per chain) and the cost counters.
     """
     return run_aisp_many(sampler, reward, [prompt], [user_text], cfg, [generator], decode)[0]
-
-
-def run_best_of_n_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str],
-                       user_texts: Sequence[str], N: int, generators: Sequence[torch.Generator],
-                       batch_size: int | None = None) -> list[dict]:
-    """Best-of-N on several prompts at once: N base-model samples each (no control), keep the highest reward.
-
-    Every prompt's samples are generated in one sampler call (micro-batched by the sampler) and
-    scored in one reward call; ``batch_size`` (default N) splits each prompt's N samples into
-    several such calls. The record keeps every sample's reward and response, so that best-of-N'
-    for any N' <= N can be estimated from the same draws (:func:`prelogit.metrics.expected_best_of_n`).
-    """
-    check_number("N", N, low=1, integer=True)
-    batch_size = batch_size or N
-    check_number("batch_size", batch_size, low=1, integer=True)
-    _check_prompt_lists(prompts, user_texts, generators)
-    P = len(prompts)
-    meters = [CostMeter() for _ in range(P)]
-    pre = _prefill(sampler, prompts, meters)
-    texts: list[list[str]] = [[] for _ in range(P)]
-    lengths: list[list[int]] = [[] for _ in range(P)]
-    rewards: list[list[torch.Tensor]] = [[] for _ in range(P)]
-    for start in range(0, N, batch_size):
-        m = min(batch_size, N - start)
-        gens = _generate(sampler, pre, [m] * P, meters, generators=generators)
-        for p, s in enumerate(_score(reward, user_texts, gens, meters)):
-            rewards[p].append(s)
-            texts[p] += gens[p].texts
-            lengths[p] += gens[p].lengths.tolist()
-    out = []
-    for p in range(P):
-        r = torch.cat(rewards[p])
-        i = int(torch.argmax(r))
-        out.append({"method": "bon", "N": N, "samples_used": N, "rewards": r.tolist(), "responses": texts[p],
-                    "lengths": lengths[p], "best": {"reward": float(r[i]), "response": texts[p][i], "index": i},
-                    "cost": meters[p].as_dict()})
-    return out
-
-
-def run_best_of_n(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, N: int,
-                  generator: torch.Generator, batch_size: int | None = None) -> dict:
-    """Best-of-N on one prompt: :func:`run_best_of_n_many` with a single prompt."""
-    return run_best_of_n_many(sampler, reward, [prompt], [user_text], N, [generator], batch_size)[0]

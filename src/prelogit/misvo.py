@@ -42,7 +42,8 @@ from typing import Any, cast
 
 import torch
 
-from .aisp import _check_prompt_lists, _generate, _prefill, _score, per_prompt_configs
+from .aisp import per_prompt_configs
+from .engine import check_prompt_lists, generate, prefill, score
 from .checks import ParameterError, check_choice, check_number
 from .metrics import CostMeter
 from .rewards import RewardModel
@@ -317,7 +318,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     Raises:
         ParameterError: greedy decoding, top-k or top-p on, or bad configs.
     """
-    _check_prompt_lists(prompts, user_texts, generators)
+    check_prompt_lists(prompts, user_texts, generators)
     check_sampler_for_misvo(sampler, decode)
     P, d, T = len(prompts), sampler.d, sampler.max_new_tokens
     cfgs = per_prompt_configs(cfg, P, MISVOConfig, SHARED_FIELDS, "run_misvo_many")
@@ -329,7 +330,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     W = head.weight.detach().to(dtype)
     b = None if getattr(head, "bias", None) is None else head.bias.detach().to(dtype)
     meters = [CostMeter() for _ in range(P)]
-    pre = _prefill(sampler, prompts, meters)
+    pre = prefill(sampler, prompts, meters)
     U = [torch.zeros(T, d, dtype=torch.float64, device=W.device) for _ in range(P)]
     ref: list[ReferenceFisher | None] = [None] * P
     best: list[dict[str, Any]] = [{"reward": float("-inf"), "response": None, "step": None, "index": None}
@@ -338,9 +339,9 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     for k in range(1, N + 1):
         # the control the sampler applies is u rounded to float32; the algebra uses that same value
         applied = [u.float() for u in U]
-        gens = _generate(sampler, pre, [K] * P, meters, controls=[a[None].expand(K, T, d).cpu() for a in applied],
+        gens = generate(sampler, pre, [K] * P, meters, controls=[a[None].expand(K, T, d).cpu() for a in applied],
                          generators=generators, decode="sample", record_prelogits=True)
-        scores = _score(reward, user_texts, gens, meters)
+        scores = score(reward, user_texts, gens, meters)
         for p in range(P):
             c, g, r = cfgs[p], gens[p], scores[p]
             Z = g.prelogits  # (K, T_used, d), unsteered
@@ -368,9 +369,9 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
             iterations[p].append(rec)
     finals: list[dict[str, Any] | None] = [None] * P
     if final_rollout:
-        gens = _generate(sampler, pre, [1] * P, meters, controls=[u.float()[None].cpu() for u in U],
+        gens = generate(sampler, pre, [1] * P, meters, controls=[u.float()[None].cpu() for u in U],
                          generators=generators, decode="sample", record_kl=True)
-        scores = _score(reward, user_texts, gens, meters)
+        scores = score(reward, user_texts, gens, meters)
         # g.kl is set: record_kl=True
         finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl": cast(torch.Tensor, g.kl).tolist(),
                    "u_norm": float(u.norm())} for g, s_, u in zip(gens, scores, U)]

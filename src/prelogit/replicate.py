@@ -22,7 +22,8 @@ from dataclasses import replace
 from typing import Any
 
 from . import runs, samplers, search
-from .aisp import frozen_twin, prompt_generator
+from .aisp import frozen_twin
+from .engine import prompt_generator
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 from .shard import run_sharded

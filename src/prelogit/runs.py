@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .aisp import AISPConfig, prompt_generator, run_aisp_many, run_best_of_n_many
+from .aisp import AISPConfig, run_aisp_many
+from .engine import prompt_generator, run_best_of_n_many
 from .io import read_jsonl
 from .metrics import distinct_ngram_diversity, expected_best_of_n
 from .models import load_model

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .aisp import _check_prompt_lists, _generate, _prefill, _score, prompt_generator, run_best_of_n_many
+from .engine import check_prompt_lists, generate, prefill, prompt_generator, run_best_of_n_many, score
 from .checks import ParameterError, check_choice, check_number
 from .metrics import CostMeter
 from .rewards import RewardModel
@@ -138,7 +138,7 @@ def run_arm_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequenc
     check_number("N", N, low=1, integer=True)
     batch_size = batch_size or N
     check_number("batch_size", batch_size, low=1, integer=True)
-    _check_prompt_lists(prompts, user_texts, generators)
+    check_prompt_lists(prompts, user_texts, generators)
     if arm.kind == "temperature":
         recs = run_best_of_n_many(_with_arm(sampler, arm), reward, prompts, user_texts, N, generators, batch_size)
     else:
@@ -159,16 +159,16 @@ def _noisy_greedy_many(sampler: PrelogitSampler, reward: RewardModel, prompts: S
     """Greedy decoding given V ~ N(0, sigma^2 I) of shape (N, tau, d) per prompt; run_best_of_n_many's records."""
     P, d = len(prompts), sampler.d
     meters = [CostMeter() for _ in range(P)]
-    pre = _prefill(sampler, prompts, meters)
+    pre = prefill(sampler, prompts, meters)
     V = [torch.randn(N, tau, d, generator=g) * sigma for g in generators]  # each (N, tau, d), drawn in prompt order
     texts: list[list[str]] = [[] for _ in range(P)]
     lengths: list[list[int]] = [[] for _ in range(P)]
     rewards: list[list[torch.Tensor]] = [[] for _ in range(P)]
     for start in range(0, N, batch_size):
         m = min(batch_size, N - start)
-        gens = _generate(sampler, pre, [m] * P, meters, controls=[v[start:start + m] for v in V],
+        gens = generate(sampler, pre, [m] * P, meters, controls=[v[start:start + m] for v in V],
                          generators=generators, decode="greedy")
-        for p, s in enumerate(_score(reward, user_texts, gens, meters)):
+        for p, s in enumerate(score(reward, user_texts, gens, meters)):
             rewards[p].append(s)
             texts[p] += gens[p].texts
             lengths[p] += gens[p].lengths.tolist()

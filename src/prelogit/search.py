@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from . import tune
-from .aisp import AISPConfig, prompt_generator, run_best_of_n_many
+from .aisp import AISPConfig
+from .engine import prompt_generator, run_best_of_n_many
 from .gaussianity import collect_prelogits
 from .metrics import expected_best_of_n, paired_difference
 from .misvo import MISVOConfig

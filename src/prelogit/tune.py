@@ -38,7 +38,8 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .aisp import AISPConfig, prompt_generator, run_aisp_many
+from .aisp import AISPConfig, run_aisp_many
+from .engine import prompt_generator
 from .misvo import MISVOConfig, run_misvo_many
 from .checks import ParameterError, check_number
 from .params import ARM_KEYS, mapping_of
