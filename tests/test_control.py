@@ -1,7 +1,7 @@
 """The importance-sampling update (prelogit.control): validation, weights, and the Gaussian-toy theory.
 
 Statistical assertions use tolerances of k standard errors, with k from
-:func:`prelogit.theory.tolerance_multiplier` (a false-alarm rate of FALSE_ALARM over the checks of
+:func:`prelogit.toy.tolerance_multiplier` (a false-alarm rate of FALSE_ALARM over the checks of
 one test), and standard errors estimated from independent seeds or from the delta method.
 """
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from prelogit import theory
+from prelogit import theory, toy
 from prelogit.checks import ParameterError
 from prelogit.control import (effective_sample_size, importance_weights, likelihood_ratio_coefficient,
                               log_weight_terms, log_weights, normalised_weights, update_mean)
@@ -163,20 +163,20 @@ def test_lambda_to_zero_gives_one_hot_weights_on_the_best_sample():
 # ---- the Gaussian toy: convergence to the closed form -----------------------------------------------
 
 def test_estimate_converges_to_the_closed_form_like_one_over_root_n():
-    g = theory.make_generator(0, "test", "convergence")
-    problem = theory.linear_problem(8, sigma=0.5, lam=0.2, kappa=1.0, generator=g)
+    g = toy.make_generator(0, "test", "convergence")
+    problem = toy.linear_problem(8, sigma=0.5, lam=0.2, kappa=1.0, generator=g)
     assert torch.allclose(problem.optimum, theory.optimal_mean_linear(problem.b, 0.5, 0.2))
     n_grid, n_seeds = [64, 256, 1024, 4096], 32
     U = torch.zeros(8, dtype=F64)
-    errors = theory.relative_error_curve(problem, U, n_grid, n_seeds, g)
-    fit = theory.fit_loglog_slope(n_grid, errors)
-    k = theory.tolerance_multiplier(FALSE_ALARM, 2, fit.df)
+    errors = toy.relative_error_curve(problem, U, n_grid, n_seeds, g)
+    fit = toy.fit_loglog_slope(n_grid, errors)
+    k = toy.tolerance_multiplier(FALSE_ALARM, 2, fit.df)
     assert abs(fit.slope + 0.5) <= k * fit.se, (fit.slope, fit.se)
     # the level: mean squared error at the largest n against the delta method
-    predicted = theory.predicted_mse(problem, U) / n_grid[-1] / float(problem.optimum.norm()) ** 2
+    predicted = toy.predicted_mse(problem, U) / n_grid[-1] / float(problem.optimum.norm()) ** 2
     ratio = float((errors[:, -1] ** 2).mean()) / predicted
-    k = theory.tolerance_multiplier(FALSE_ALARM, 2)
-    assert abs(ratio - 1) <= k * theory.mse_ratio_se(problem, U, n_seeds), ratio
+    k = toy.tolerance_multiplier(FALSE_ALARM, 2)
+    assert abs(ratio - 1) <= k * toy.mse_ratio_se(problem, U, n_seeds), ratio
     # and the error really shrinks: the largest n is far better than the smallest
     assert float(errors[:, -1].mean()) < 0.5 * float(errors[:, 0].mean())
 
@@ -184,31 +184,31 @@ def test_estimate_converges_to_the_closed_form_like_one_over_root_n():
 def test_estimate_around_a_wrong_target_is_detected():
     # The level check must be able to fail: compare the same errors with a deliberately wrong
     # closed form (u* off by 10%) and the ratio leaves the tolerance.
-    g = theory.make_generator(0, "test", "wrong")
-    problem = theory.linear_problem(8, sigma=0.5, lam=0.2, kappa=1.0, generator=g)
-    wrong = theory.GaussianToy(b=1.1 * problem.b, A=None, sigma=0.5, lam=0.2)
+    g = toy.make_generator(0, "test", "wrong")
+    problem = toy.linear_problem(8, sigma=0.5, lam=0.2, kappa=1.0, generator=g)
+    wrong = toy.GaussianToy(b=1.1 * problem.b, A=None, sigma=0.5, lam=0.2)
     U = torch.zeros(8, dtype=F64)
     n, n_seeds = 4096, 32
-    sq = torch.stack([(theory.is_estimate(problem, U, n, g).U_hat - wrong.optimum).norm() ** 2
+    sq = torch.stack([(toy.is_estimate(problem, U, n, g).U_hat - wrong.optimum).norm() ** 2
                       for _ in range(n_seeds)])
-    ratio = float(sq.mean()) / (theory.predicted_mse(wrong, U) / n)
-    k = theory.tolerance_multiplier(FALSE_ALARM, 1)
-    assert abs(ratio - 1) > k * theory.mse_ratio_se(wrong, U, n_seeds)
+    ratio = float(sq.mean()) / (toy.predicted_mse(wrong, U) / n)
+    k = toy.tolerance_multiplier(FALSE_ALARM, 1)
+    assert abs(ratio - 1) > k * toy.mse_ratio_se(wrong, U, n_seeds)
 
 
 @pytest.mark.parametrize("mode, alpha", [("mppi", 0.0), ("mppi", 0.5), ("step", 0.5), ("step", 1.0)])
 def test_iteration_reaches_each_modes_fixed_point(mode, alpha):
-    g = theory.make_generator(0, "test", "iterate", mode, alpha)
+    g = toy.make_generator(0, "test", "iterate", mode, alpha)
     sigma, lam = 0.5, 0.2
-    problem = theory.linear_problem(4, sigma, lam, kappa=1.0, generator=g)
+    problem = toy.linear_problem(4, sigma, lam, kappa=1.0, generator=g)
     u_star = problem.optimum
     target = (theory.mppi_fixed_point_linear(problem.b, sigma, lam, alpha) if mode == "mppi" else u_star)
     assert torch.allclose(problem.fixed_point(alpha, mode), target)
     K, n, n_seeds = 25, 512, 16
-    finals = torch.stack([theory.iterate_mean(problem, torch.zeros(4, dtype=F64), K, n, alpha, mode, g)[-1]
+    finals = torch.stack([toy.iterate_mean(problem, torch.zeros(4, dtype=F64), K, n, alpha, mode, g)[-1]
                           for _ in range(n_seeds)])
     mean, se = finals.mean(0), finals.std(0) / math.sqrt(n_seeds)
-    k = theory.tolerance_multiplier(FALSE_ALARM, 4, n_seeds - 1)
+    k = toy.tolerance_multiplier(FALSE_ALARM, 4, n_seeds - 1)
     assert ((mean - target).abs() <= k * se).all(), (mean, target, se)
     if mode == "mppi" and alpha > 0:
         # the mppi fixed point is sigma^2 a / (lam (1 - alpha)), not u*: far outside the tolerance

@@ -1,7 +1,7 @@
 """Closed forms (prelogit.theory), the Monte-Carlo machinery of the theory notebook, and the
 pre-logit Gaussianity statistics (prelogit.gaussianity).
 
-Statistical assertions use k standard errors, k from :func:`prelogit.theory.tolerance_multiplier`
+Statistical assertions use k standard errors, k from :func:`prelogit.toy.tolerance_multiplier`
 at a false-alarm rate of FALSE_ALARM over the checks of one test.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from prelogit import gaussianity, theory
+from prelogit import gaussianity, theory, toy
 from prelogit.checks import ParameterError
 
 FALSE_ALARM = 1e-3
@@ -59,16 +59,16 @@ def test_closed_form_errors_name_the_parameter():
     with pytest.raises(ParameterError, match="A must be"):
         theory.optimal_mean_quadratic(torch.ones(3, 2), torch.ones(3), 1.0, 1.0)
     with pytest.raises(ParameterError, match="curvatures"):
-        theory.quadratic_problem(2, 1.0, 1.0, 1.0, [1.0, 1.0, 1.0], torch.Generator())
+        toy.quadratic_problem(2, 1.0, 1.0, 1.0, [1.0, 1.0, 1.0], torch.Generator())
     assert theory.kl_best_of_n(1) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["linear", "quadratic"])
 def test_toy_problem_has_the_requested_optimum_and_fixed_points(kind):
-    g = theory.make_generator(0, "toy", kind)
+    g = toy.make_generator(0, "toy", kind)
     sigma, lam, kappa = 0.5, 0.2, 1.3
-    p = (theory.linear_problem(7, sigma, lam, kappa, g) if kind == "linear"
-         else theory.quadratic_problem(7, sigma, lam, kappa, [2.0, 0.5, 0.1], g))
+    p = (toy.linear_problem(7, sigma, lam, kappa, g) if kind == "linear"
+         else toy.quadratic_problem(7, sigma, lam, kappa, [2.0, 0.5, 0.1], g))
     assert p.kind == kind
     assert float(p.optimum.norm()) == pytest.approx(kappa * sigma)
     if kind == "quadratic":
@@ -80,56 +80,56 @@ def test_toy_problem_has_the_requested_optimum_and_fixed_points(kind):
 
 
 def test_expected_trajectory_matches_the_linear_closed_form():
-    g = theory.make_generator(0, "trajectory")
-    p = theory.linear_problem(3, 0.5, 0.2, 1.0, g)
+    g = toy.make_generator(0, "trajectory")
+    p = toy.linear_problem(3, 0.5, 0.2, 1.0, g)
     U0, u = torch.randn(3, generator=g, dtype=F64), p.optimum
     K = 6
     for alpha in (0.0, 0.3, 0.8):
-        mppi = theory.expected_trajectory(p, U0, K, alpha, "mppi")
-        step = theory.expected_trajectory(p, U0, K, alpha, "step")
+        mppi = toy.expected_trajectory(p, U0, K, alpha, "mppi")
+        step = toy.expected_trajectory(p, U0, K, alpha, "step")
         for k in range(K + 1):
             assert torch.allclose(mppi[k], alpha**k * U0 + (1 - alpha**k) / (1 - alpha) * u)
             assert torch.allclose(step[k], (1 - alpha) ** k * U0 + (1 - (1 - alpha) ** k) * u)
 
 
 def test_kl_closed_form_against_monte_carlo():
-    g = theory.make_generator(0, "kl")
+    g = toy.make_generator(0, "kl")
     sigma = 0.8
     U = 0.3 * torch.randn(4, 6, generator=g, dtype=F64)  # (tau, d)
     closed = float(theory.kl_to_base(U, sigma))
     assert closed == pytest.approx(float(theory.kl_to_base(U.flatten(), sigma)))
     assert closed == pytest.approx(float((U**2).sum()) / (2 * sigma**2))
-    mc, se = theory.kl_monte_carlo(U, sigma, 20000, g)
-    assert abs(mc - closed) <= theory.tolerance_multiplier(FALSE_ALARM, 1) * se
+    mc, se = toy.kl_monte_carlo(U, sigma, 20000, g)
+    assert abs(mc - closed) <= toy.tolerance_multiplier(FALSE_ALARM, 1) * se
 
 
 def test_weight_moments_closed_form():
     # linear case: w~ = exp(kappa Z - kappa^2/2), so log E[w~^k] = k (k - 1) kappa^2 / 2
-    g = theory.make_generator(0, "moments")
-    p = theory.linear_problem(5, 0.5, 0.2, 1.2, g)
+    g = toy.make_generator(0, "moments")
+    p = toy.linear_problem(5, 0.5, 0.2, 1.2, g)
     U = torch.zeros(5, dtype=F64)
     for k in (1, 2, 3, 4):
         got = theory.log_weight_moment(k, U, p.sigma, p.optimum, p.target_cov)
         assert got == pytest.approx(k * (k - 1) / 2 * 1.2**2, abs=1e-9)
     D = 5
-    assert theory.predicted_mse(p, U) == pytest.approx(math.exp(1.2**2) * (D * 0.25 + (1.2 * 0.5) ** 2))
+    assert toy.predicted_mse(p, U) == pytest.approx(math.exp(1.2**2) * (D * 0.25 + (1.2 * 0.5) ** 2))
     # quadratic case against Monte Carlo: E_q[w~^2] estimated from draws of q
-    q = theory.quadratic_problem(3, 0.5, 0.2, 0.8, [1.0, 0.5], g)
+    q = toy.quadratic_problem(3, 0.5, 0.2, 0.8, [1.0, 0.5], g)
     U = 0.5 * q.optimum
-    V = theory.draw(U, q.sigma, 200000, g)
+    V = toy.draw(U, q.sigma, 200000, g)
     log_q = -((V - U) ** 2).sum(1) / (2 * q.sigma**2) - 1.5 * math.log(2 * math.pi * q.sigma**2)
     log_qs = torch.distributions.MultivariateNormal(q.optimum, q.target_cov).log_prob(V)
     w2 = torch.exp(2 * (log_qs - log_q))
     closed = math.exp(theory.log_weight_moment(2, U, q.sigma, q.optimum, q.target_cov))
-    assert abs(float(w2.mean()) - closed) <= theory.tolerance_multiplier(FALSE_ALARM, 1) * float(w2.std()) / math.sqrt(len(w2))
+    assert abs(float(w2.mean()) - closed) <= toy.tolerance_multiplier(FALSE_ALARM, 1) * float(w2.std()) / math.sqrt(len(w2))
 
 
 def test_predicted_ess_is_the_measured_ess_where_testable():
-    g = theory.make_generator(0, "ess")
-    sw = theory.ess_vs_dim([1, 16, 64, 2048], 1.0, 1.0, 512, 24, g, kind="mean", shift=0.1)
-    testable = [theory.ess_testable(p, 24) for p in sw.prediction]
+    g = toy.make_generator(0, "ess")
+    sw = toy.ess_vs_dim([1, 16, 64, 2048], 1.0, 1.0, 512, 24, g, kind="mean", shift=0.1)
+    testable = [toy.ess_testable(p, 24) for p in sw.prediction]
     assert testable[:2] == [True, True] and testable[-1] is False
-    k = theory.tolerance_multiplier(FALSE_ALARM, sum(testable), 23)
+    k = toy.tolerance_multiplier(FALSE_ALARM, sum(testable), 23)
     for j, ok in enumerate(testable):
         if ok:
             x = sw.ess_fraction[:, j]
@@ -143,16 +143,16 @@ def test_predicted_ess_is_the_measured_ess_where_testable():
 
 
 def test_covariance_mismatch_prediction_factorises_over_coordinates():
-    g = theory.make_generator(0, "cov")
-    sw = theory.ess_vs_dim([1, 8], 0.7, 0.3, 64, 2, g, kind="covariance", curvature=0.5)
+    g = toy.make_generator(0, "cov")
+    sw = toy.ess_vs_dim([1, 8], 0.7, 0.3, 64, 2, g, kind="covariance", curvature=0.5)
     s = 1 / 1.5
     for D, p in zip(sw.grid, sw.prediction):
         assert p.fraction == pytest.approx((s * (2 - s)) ** (D / 2))
 
 
 def test_lambda_sweep_reaches_the_best_of_n_limit():
-    g = theory.make_generator(0, "lam")
-    sw = theory.ess_vs_lam(4, 0.5, [1e-5, 0.5, 10.0], 256, 4, g)
+    g = toy.make_generator(0, "lam")
+    sw = toy.ess_vs_lam(4, 0.5, [1e-5, 0.5, 10.0], 256, 4, g)
     ex = sw.extra
     assert bool(ex["bon_match"][:, 0].all())
     assert (ex["one_minus_wmax"] <= ex["wmax_bound"] + 256 * torch.finfo(F64).eps).all()
@@ -165,31 +165,31 @@ def test_lambda_sweep_reaches_the_best_of_n_limit():
 def test_slope_fit_recovers_an_exact_power_law_and_rejects_bad_shapes():
     n = [10, 100, 1000]
     errors = torch.tensor([[3 * x**-0.5 for x in n], [5 * x**-0.5 for x in n]], dtype=F64)
-    fit = theory.fit_loglog_slope(n, errors)
+    fit = toy.fit_loglog_slope(n, errors)
     assert fit.slope == pytest.approx(-0.5) and fit.se == pytest.approx(0.0, abs=1e-12)
     assert fit.rms_slope == pytest.approx(-0.5)
     with pytest.raises(ParameterError):
-        theory.fit_loglog_slope(n, errors[:, :2])
+        toy.fit_loglog_slope(n, errors[:, :2])
 
 
 def test_judge_uses_bonferroni_and_can_fail():
-    checks = [theory.Check("a", 1.05, 1.0, se=0.01, df=None), theory.Check("b", 0.0, 0.0, se=0.01, df=9),
-              theory.Check("c", 0.2, 0.0, bound=0.1)]
-    out = theory.judge(checks, 0.05)
-    k2 = theory.tolerance_multiplier(0.05, 2)
+    checks = [toy.Check("a", 1.05, 1.0, se=0.01, df=None), toy.Check("b", 0.0, 0.0, se=0.01, df=9),
+              toy.Check("c", 0.2, 0.0, bound=0.1)]
+    out = toy.judge(checks, 0.05)
+    k2 = toy.tolerance_multiplier(0.05, 2)
     assert out["a"]["k"] == pytest.approx(k2) and out["a"]["pass"] is False  # 5 SE off
     assert out["b"]["k"] > k2 and out["b"]["pass"] is True  # Student's t is wider
     assert out["c"]["pass"] is False and out["c"]["k"] is None
     json.dumps(out)
-    assert theory.tolerance_multiplier(0.01, 100) > theory.tolerance_multiplier(0.01, 10)
+    assert toy.tolerance_multiplier(0.01, 100) > toy.tolerance_multiplier(0.01, 10)
     with pytest.raises(ParameterError, match="unique"):
-        theory.judge(checks + checks[:1], 0.05)
+        toy.judge(checks + checks[:1], 0.05)
 
 
 def test_generators_are_deterministic_and_separate_streams():
-    a = torch.randn(3, generator=theory.make_generator(1, "x", 2))
-    b = torch.randn(3, generator=theory.make_generator(1, "x", 2))
-    c = torch.randn(3, generator=theory.make_generator(1, "x", 3))
+    a = torch.randn(3, generator=toy.make_generator(1, "x", 2))
+    b = torch.randn(3, generator=toy.make_generator(1, "x", 2))
+    c = torch.randn(3, generator=toy.make_generator(1, "x", 3))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -201,7 +201,7 @@ def test_gaussianity_statistics_tell_gaussian_from_heavy_tailed():
     gauss = gaussianity.gaussianity_stats(torch.from_numpy(rng.normal(size=(N, d)) * 2.0 + 1.0), level)
     heavy = gaussianity.gaussianity_stats(rng.standard_t(4, size=(N, d)), level)
     skewed = gaussianity.gaussianity_stats(rng.exponential(size=(N, d)), level)
-    k = theory.tolerance_multiplier(FALSE_ALARM, 4)
+    k = toy.tolerance_multiplier(FALSE_ALARM, 4)
     # independent dimensions: the number passing is binomial(d, 1 - level)
     binom_se = math.sqrt(level * (1 - level) / d)
     g = gauss["summary"]
