@@ -251,6 +251,99 @@ def _select_rows(cache: DynamicCache, idx: torch.Tensor) -> None:
         cast(DynamicLayer, layer).batch_select_indices(on(keys) if isinstance(keys, torch.Tensor) else idx)
 
 
+@dataclass
+class _Rule:
+    """How a generate_many call chooses each token: the pre-logit transform, the decoding and its
+    uniforms (R, T) float64 (sampling without a chooser), or a chooser that replaces the decoding."""
+
+    fn: PrelogitFn | None
+    decode: str
+    u: torch.Tensor | None
+    chooser: Chooser | None
+
+
+@dataclass
+class _Outputs:
+    """The buffers of one generate_many call over R rows of B prompts, T steps, filled micro-batch by micro-batch.
+
+    tokens: (R, T) long, ``pad_id`` after a row's end. lengths: (R,) generated tokens. finished: (R,)
+    ended with EOS. calls: (B,) forward passes per prompt (the prefill counts once unless reused).
+    prelogits: (R, T, d) float32 unperturbed z_t, if recorded. kl: (R,) float64 summed token KL, if recorded.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    calls: torch.Tensor
+    prelogits: torch.Tensor | None
+    kl: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, counts: list[int], T: int, d: int, pad_id: int, prefilled: bool, record_prelogits: bool,
+              record_kl: bool) -> _Outputs:
+        R, B = sum(counts), len(counts)
+        return cls(tokens=torch.full((R, T), pad_id, dtype=torch.long), lengths=torch.zeros(R, dtype=torch.long),
+                   finished=torch.zeros(R, dtype=torch.bool),
+                   calls=torch.zeros(B, dtype=torch.long) if prefilled else torch.ones(B, dtype=torch.long),
+                   prelogits=torch.zeros(R, T, d, dtype=torch.float32) if record_prelogits else None,
+                   kl=torch.zeros(R, dtype=torch.float64) if record_kl else None)
+
+    def generations(self, counts: list[int], tokenizer) -> list[Generation]:
+        """One :class:`Generation` per prompt (its ``counts[i]`` consecutive rows), trimmed to its longest row."""
+        out, start = [], 0
+        for i, c in enumerate(counts):
+            sl = slice(start, start + c)
+            start += c
+            T_used = int(self.lengths[sl].max())
+            texts = [tokenizer.decode(self.tokens[r, : self.lengths[r]].tolist(), skip_special_tokens=True).strip()
+                     for r in range(sl.start, sl.stop)]
+            out.append(Generation(tokens=self.tokens[sl, :T_used].clone(), lengths=self.lengths[sl].clone(),
+                                  finished=self.finished[sl].clone(), texts=texts, forward_calls=int(self.calls[i]),
+                                  prelogits=None if self.prelogits is None else self.prelogits[sl, :T_used].clone(),
+                                  kl=None if self.kl is None else self.kl[sl].clone()))
+        return out
+
+
+class _RowBatch:
+    """One micro-batch of rows being decoded: the prompts' KV cache gathered to its rows (with room for T
+    tokens), its attention mask and positions, the rows still active and their last tokens."""
+
+    def __init__(self, sampler: PrelogitSampler, pre: Prefill, rows: torch.Tensor, prompt_of_row: torch.Tensor,
+                 T: int):
+        self.sampler, self.pre = sampler, pre
+        src = prompt_of_row[rows].to(sampler.device)
+        self.on = _OnDevice(src)  # each layer's prefill cache lives on that layer's device
+        self.P = pre.mask.shape[1]
+        self.cache = DynamicCache(config=sampler.model.config)
+        if all(type(layer) is DynamicLayer for layer in self.cache.layers) and len(self.cache.layers) == len(pre.kv):
+            self.cache.layers = [_AppendLayer(k[self.on(k)], v[self.on(v)], self.P + T) for k, v in pre.kv]
+        else:  # sliding-window or other special layers: let transformers manage them
+            for layer, (k, v) in enumerate(pre.kv):
+                self.cache.update(k[self.on(k)], v[self.on(v)], layer)
+        self.mask = torch.cat([pre.mask[src], torch.ones(len(rows), T, dtype=torch.long, device=sampler.device)], dim=1)
+        self.plen = pre.lengths[src]
+        self.active = rows
+        self.nxt: torch.Tensor | None = None
+
+    def logits(self, t: int) -> torch.Tensor:
+        """The next-token logits (b, V) of the active rows at step t (the LM head's hook sees their z_t)."""
+        if t == 0:
+            # The first token's pre-logit comes from the prefill: only the head runs.
+            return self.sampler.head(self.pre.z[self.on(self.pre.z)].unsqueeze(1))[:, -1]
+        assert self.nxt is not None  # chosen at step t - 1
+        return self.sampler.model(input_ids=self.nxt[:, None], attention_mask=self.mask[:, : self.P + t],
+                                  position_ids=(self.plen + t - 1)[:, None], past_key_values=self.cache,
+                                  use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drop the rows where ``keep`` (b,) is False from the cache, mask, positions and active rows."""
+        assert self.nxt is not None
+        idx = keep.nonzero().squeeze(1)
+        _select_rows(self.cache, idx)
+        self.active, self.nxt = self.active[keep], self.nxt[keep.to(self.nxt.device)]
+        self.mask, self.plen = self.mask[idx], self.plen[idx]
+
+
 class PrelogitSampler:
     """Generates continuations of many prompts at once, optionally with control on the pre-logits.
 
@@ -478,32 +571,17 @@ class PrelogitSampler:
         u = None
         if decode == "sample" and chooser is None:
             u = torch.cat([torch.rand(c, T, generator=g, dtype=torch.float64) for c, g in zip(counts, generators)])
-        tokens = torch.full((R, T), self.pad_id, dtype=torch.long)
-        lengths = torch.zeros(R, dtype=torch.long)
-        finished = torch.zeros(R, dtype=torch.bool)
-        prelogits = torch.zeros(R, T, self.d, dtype=torch.float32) if record_prelogits else None
-        kl = torch.zeros(R, dtype=torch.float64) if record_kl else None
-        calls = torch.zeros(B, dtype=torch.long) if reuse else torch.ones(B, dtype=torch.long)
+        rule = _Rule(fn=fn, decode=decode, u=u, chooser=chooser)
+        out = _Outputs.empty(counts, T, self.d, self.pad_id, prefilled=reuse, record_prelogits=record_prelogits,
+                             record_kl=record_kl)
         hook = _HeadHook(self.head, self.device)
         try:
             for s in range(0, R, self.max_rows):
                 rows = torch.arange(s, min(s + self.max_rows, R))
-                self._decode_rows(pre, rows, prompt_of_row, fn, decode, u, T, hook, tokens, lengths, finished,
-                                  prelogits, calls, chooser, kl)
+                self._decode_rows(pre, rows, prompt_of_row, rule, T, hook, out)
         finally:
             hook.remove()
-        out, start = [], 0
-        for i, c in enumerate(counts):
-            sl = slice(start, start + c)
-            start += c
-            T_used = int(lengths[sl].max())
-            texts = [self.tokenizer.decode(tokens[r, : lengths[r]].tolist(), skip_special_tokens=True).strip()
-                     for r in range(sl.start, sl.stop)]
-            out.append(Generation(tokens=tokens[sl, :T_used].clone(), lengths=lengths[sl].clone(),
-                                  finished=finished[sl].clone(), texts=texts, forward_calls=int(calls[i]),
-                                  prelogits=None if prelogits is None else prelogits[sl, :T_used].clone(),
-                                  kl=None if kl is None else kl[sl].clone()))
-        return out
+        return out.generations(counts, self.tokenizer)
 
     def _stack_controls(self, controls: Sequence[torch.Tensor | None], counts: list[int]) -> torch.Tensor | None:
         """One (R, tau_max, d) control tensor from per-prompt controls (zeros where a prompt has none)."""
@@ -525,58 +603,43 @@ class PrelogitSampler:
         return torch.cat(parts)
 
     @torch.no_grad()
-    def _decode_rows(self, pre: Prefill, rows: torch.Tensor, prompt_of_row: torch.Tensor, fn: PrelogitFn | None,
-                     decode: str, u: torch.Tensor | None, T: int, hook: _HeadHook, tokens: torch.Tensor,
-                     lengths: torch.Tensor, finished: torch.Tensor, prelogits: torch.Tensor | None,
-                     calls: torch.Tensor, chooser: Chooser | None = None, kl: torch.Tensor | None = None) -> None:
-        """Decode one micro-batch of rows to EOS or T tokens, writing into the call's output tensors."""
-        src = prompt_of_row[rows].to(self.device)
-        on = _OnDevice(src)  # each layer's prefill cache lives on that layer's device
-        P = pre.mask.shape[1]
-        cache = DynamicCache(config=self.model.config)
-        if all(type(layer) is DynamicLayer for layer in cache.layers) and len(cache.layers) == len(pre.kv):
-            cache.layers = [_AppendLayer(k[on(k)], v[on(v)], P + T) for k, v in pre.kv]
-        else:  # sliding-window or other special layers: let transformers manage them
-            for layer, (k, v) in enumerate(pre.kv):
-                cache.update(k[on(k)], v[on(v)], layer)
-        mask = torch.cat([pre.mask[src], torch.ones(len(rows), T, dtype=torch.long, device=self.device)], dim=1)
-        plen = pre.lengths[src]
-        active = rows
-        nxt: torch.Tensor | None = None
+    def _decode_rows(self, pre: Prefill, rows: torch.Tensor, prompt_of_row: torch.Tensor, rule: _Rule, T: int,
+                     hook: _HeadHook, out: _Outputs) -> None:
+        """Decode one micro-batch of ``rows`` to EOS or T tokens, writing into the call's buffers ``out``."""
+        batch = _RowBatch(self, pre, rows, prompt_of_row, T)
+        fn = rule.fn
         for t in range(T):
             if fn is not None:
-                hook.fn = lambda z, t=t, r=active: fn(z, t, r)
-            if t == 0:
-                # The first token's pre-logit comes from the prefill: only the head runs.
-                logits = self.head(pre.z[on(pre.z)].unsqueeze(1))[:, -1]
-            else:
-                assert nxt is not None  # chosen at step t - 1
-                logits = self.model(input_ids=nxt[:, None], attention_mask=mask[:, : P + t],
-                                    position_ids=(plen + t - 1)[:, None], past_key_values=cache, use_cache=True,
-                                    logits_to_keep=1).logits[:, -1]
-                calls[torch.unique(prompt_of_row[active])] += 1
+                hook.fn = lambda z, t=t, r=batch.active: fn(z, t, r)
+            logits = batch.logits(t)
+            if t > 0:
+                out.calls[torch.unique(prompt_of_row[batch.active])] += 1
             hook.fn = None
-            z = hook.last
-            if prelogits is not None:
-                assert z is not None  # the head's hook ran for this step
-                prelogits[active, t] = z.float().cpu()
-            if chooser is not None:
-                nxt = chooser(logits, t, active, tokens[active, :t]).to(logits.device)
-            else:
-                nxt = self._choose(logits, decode, None if u is None else u[active, t].to(logits.device))
-            if kl is not None:
-                # The unsteered logits on the same prefix: the head on the recorded z (hook.fn is off now).
-                assert z is not None  # the head's hook ran for this step
-                base = logits if fn is None else self.head(z.unsqueeze(1))[:, -1].to(logits.device)
-                kl[active] += self.token_kl(logits, base, nxt if decode == "greedy" else None).cpu()
-            tokens[active, t] = nxt.cpu()
-            lengths[active] += 1
-            done = torch.isin(nxt, self.eos_ids.to(nxt.device)).cpu()
-            finished[active[done]] = True
+            batch.nxt, done = self._record_step(logits, hook.last, t, batch.active, rule, out)
             keep = ~done
             if t == T - 1 or not keep.any():
                 break
             if not keep.all():
-                idx = keep.nonzero().squeeze(1)
-                _select_rows(cache, idx)
-                active, nxt, mask, plen = active[keep], nxt[keep.to(nxt.device)], mask[idx], plen[idx]
+                batch.keep_rows(keep)
+
+    def _record_step(self, logits: torch.Tensor, z: torch.Tensor | None, t: int, active: torch.Tensor, rule: _Rule,
+                     out: _Outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step t of the ``active`` rows: record z_t, choose the next tokens from ``logits`` (b, V) by ``rule``,
+        add their token-level KL, write them; returns the tokens (b,) and which rows ended with EOS (b,)."""
+        if out.prelogits is not None:
+            assert z is not None  # the head's hook ran for this step
+            out.prelogits[active, t] = z.float().cpu()
+        if rule.chooser is not None:
+            nxt = rule.chooser(logits, t, active, out.tokens[active, :t]).to(logits.device)
+        else:
+            nxt = self._choose(logits, rule.decode, None if rule.u is None else rule.u[active, t].to(logits.device))
+        if out.kl is not None:
+            # The unsteered logits on the same prefix: the head on the recorded z (hook.fn is off now).
+            assert z is not None  # the head's hook ran for this step
+            base = logits if rule.fn is None else self.head(z.unsqueeze(1))[:, -1].to(logits.device)
+            out.kl[active] += self.token_kl(logits, base, nxt if rule.decode == "greedy" else None).cpu()
+        out.tokens[active, t] = nxt.cpu()
+        out.lengths[active] += 1
+        done = torch.isin(nxt, self.eos_ids.to(nxt.device)).cpu()
+        out.finished[active[done]] = True
+        return nxt, done
