@@ -84,3 +84,13 @@ def test_notebook_check_sees_smoke_values():
         params.check_notebook("aisp", {**ns, "lit_sigma": 0})
     with pytest.raises(ParameterError, match="aisp.lit_tau = 9 exceeds generation.max_new_tokens = 8"):
         params.check_notebook("aisp", {**ns, "lit_tau": 9, "generation_max_new_tokens": 8})
+
+
+def test_the_schema_imports_no_stage_machinery():
+    # params is the schema that launch and preflight build on. Its static import closure (lazy imports
+    # inside functions included) must hold neither, so no cycle can come back, and nothing heavy either:
+    # the check before a stage stays cheap.
+    from prelogit import deps
+
+    assert [p.name for p in deps.closure(["prelogit.params"])] == ["checks.py", "params.py"]
+    assert "params.py" in [p.name for p in deps.closure(["prelogit.launch"])]

@@ -1,4 +1,4 @@
-"""``python -m prelogit.params STAGE`` on broken copies of params.yaml: exit 2, a message naming the
+"""``python -m prelogit.preflight STAGE`` on broken copies of params.yaml: exit 2, a message naming the
 key, no traceback, and results/STAGE left exactly as it was. One passing case per stage.
 
 Each case runs the command itself in a temporary folder holding a copy of the repository's
@@ -249,7 +249,7 @@ def test_params_cli(tmp_path, stage, mutate, expected):
     if raw is not NO_FILE:
         (tmp_path / "params.yaml").write_text(raw if isinstance(raw, str) else yaml.safe_dump(p))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "prelogit.params", stage, "--params", "params.yaml"],
+    proc = subprocess.run([sys.executable, "-m", "prelogit.preflight", stage, "--params", "params.yaml"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert sorted(out.parent.iterdir()) == before  # nothing added, no temporary file left behind

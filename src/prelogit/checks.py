@@ -2,7 +2,7 @@
 
 Every check raises :class:`ParameterError` naming the parameter, the allowed range and the value
 received, so that bad input stops a run before any model is loaded. Nothing here imports torch at
-import time, so that ``python -m prelogit.params`` stays fast.
+import time, so that ``python -m prelogit.preflight`` stays fast.
 """
 
 from __future__ import annotations

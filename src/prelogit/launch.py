@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import ParameterError
+from .params import validate_section
 
 #: ``launch.config_file: default`` names accelerate's own configuration (written by ``accelerate config``).
 DEFAULT_CONFIG = "default"
@@ -54,10 +55,8 @@ def problems(params: dict) -> list[str]:
     installed, a named configuration file exists and is a YAML mapping, a ``cuda`` device has at least
     as many visible GPUs as processes, and ``model.device_map: auto`` runs as one process.
     """
-    from . import params as P
-
     try:
-        launch = P.validate_section(params, "launch")
+        launch = validate_section(params, "launch")
     except ParameterError as err:
         return [str(err)]
     out: list[str] = []

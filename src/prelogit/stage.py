@@ -2,7 +2,7 @@
 
 ``python -m prelogit.stage STAGE [--params params.yaml]`` is every DVC stage's command:
 
-1. validate ``params.yaml`` for the stage (:func:`prelogit.params.check_stage`: values, prompt counts, model sources, device); a bad value
+1. validate ``params.yaml`` for the stage (:func:`prelogit.preflight.check_stage`: values, prompt counts, model sources, device); a bad value
    prints ``error: <message>`` and exits 2 before anything else starts;
 2. empty the staging folder ``results/.staging/STAGE/``, write the stage's flat parameters there
    and run ``notebooks/STAGE.ipynb`` with papermill, its ``results_dir`` pointing at the staging
@@ -51,7 +51,7 @@ from pathlib import Path
 import yaml
 
 from . import launch as launcher
-from . import params
+from . import params, preflight
 from .checks import ParameterError
 
 STAGING = Path("results/.staging")
@@ -298,7 +298,7 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", worker: bool 
             return 1
     try:
         all_params = params.load(params_path)
-        flat = params.check_stage(stage, all_params)
+        flat = preflight.check_stage(stage, all_params)
         # check_stage has checked the launch section of a generating stage (prelogit.launch.check)
         launch = all_params["launch"] if stage in params.SHARDED_STAGES else {"launcher": "python"}
     except ParameterError as err:
