@@ -94,3 +94,51 @@ def test_the_schema_imports_no_stage_machinery():
 
     assert [p.name for p in deps.closure(["prelogit.params"])] == ["checks.py", "params.py"]
     assert "params.py" in [p.name for p in deps.closure(["prelogit.launch"])]
+
+
+def _is(value, annotation) -> bool:
+    """Whether a YAML value fits a section field's annotation (str, int, float, bool, None, list[T], dict, unions)."""
+    import types
+    import typing
+
+    if isinstance(annotation, types.UnionType):
+        return any(_is(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_is(x, item) for x in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:  # YAML writes 1.0 as 1 where a float is meant; the checks accept both
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml", "params-gpu.yaml"])
+def test_every_section_of_every_parameter_set_is_a_typed_section(name):
+    # the schema is derived from the section dataclasses: each file's sections build them, and every value
+    # has the type its field declares (a mistyped annotation fails here, the check itself in validate_section)
+    import typing
+
+    from prelogit.paper import overlay
+
+    given = PARAMS if name == "params.yaml" else overlay(PARAMS, params.load(ROOT / name))  # the run's configuration
+    assert set(given) == set(params.SECTIONS)
+    for section, cls in params.SECTIONS.items():
+        value = cls.of(given)
+        hints = typing.get_type_hints(cls)
+        for key in params.SCHEMA[section]:
+            assert _is(getattr(value, key), hints[key]), (section, key, getattr(value, key), hints[key])
+
+
+def test_a_section_is_checked_before_it_is_built():
+    bad = {**PARAMS, "model": {**PARAMS["model"], "threads": -1}}
+    with pytest.raises(ParameterError, match="model.threads"):
+        params.SECTIONS["model"].of(bad)
+    missing = {**PARAMS, "aisp": {k: v for k, v in PARAMS["aisp"].items() if k != "lit_sigma"}}
+    with pytest.raises(ParameterError, match="missing key aisp.lit_sigma"):
+        params.SECTIONS["aisp"].of(missing)

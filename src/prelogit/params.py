@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Self, cast
 
 import yaml
 
@@ -105,63 +106,293 @@ MISVO_ARM_KEYS: dict[str, Check] = {"eta": num(0, low_open=True), "lam": num(0),
 misvo_arm = mapping_of(MISVO_ARM_KEYS)
 
 
-SCHEMA: dict[str, dict[str, Check]] = {
-    "model": {"name": string, "dtype": choice("float32", "bfloat16", "float16", "float64"), "device": check_device,
-              "cache_dir": string, "threads": integer(0), "max_rows": integer(1),
-              "device_map": optional(choice("auto"))},
-    "generation": {"max_new_tokens": integer(1), "decode": choice("sample", "greedy"), "temperature": POS,
-                   "top_k": integer(0), "top_p": num(0, 1, low_open=True)},
-    "reward": {"kind": choice("embedded", "hf"), "name": optional(string), "dtype": choice("float32", "bfloat16", "float16")},
-    "prepare": {"seed": SEED, "source": choice("chitchat", "hh_rlhf", "shp"), "source_path": optional(string),
-                "n_train": integer(1), "n_val": integer(0), "n_test": integer(1), "n_qa": integer(0),
-                "max_prompt_tokens": integer(8),
-                "reward_utterances": integer(50), "reward_threshold": num(0, 1, low_open=True, high_open=True),
-                "reward_seed": SEED},
-    "bon": {"seed": SEED, "n_prompts": integer(1), "max_samples": integer(1), "large_prompts": integer(0),
-            "large_samples": integer(1), "budgets": list_of(integer(1)), "batch_size": integer(1)},
-    "tune": {"seed": SEED, "n_prompts": integer(1), "holdout_prompts": integer(0), "N": integer(1), "rms_samples": integer(1), "center": arm,
-             "sigma_rms": list_of(POS, 0), "lam_absolute": list_of(POS, 0), "lam_std": list_of(POS, 0),
-             "alpha_mppi": list_of(UNIT, 0), "alpha_step": list_of(UNIT, 0), "tau": list_of(tau_value, 0),
-             "n": list_of(integer(1), 0), "readings": list_of(choice("sample", "greedy")), "n_random": integer(0),
-             "rungs": list_of(integer(1)), "eta": integer(2), "claim_prompts": integer(0)},
-    "aisp": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "large_prompts": integer(0),
-             "large_N": integer(1), "final_rollout": boolean, "lit_prompts": integer(0), "lit_sigma": POS,
-             "lit_alpha": UNIT, "lit_lams": list_of(POS, 0), "lit_n": integer(1), "lit_tau": tau_value,
-             "variance_prompts": integer(0), "variance_V": integer(2), "variance_reps": integer(2)},
-    # the best non-adaptive sampler (temperature x top_p, or greedy given V ~ N(0, sigma^2 I)), chosen on the
-    # validation prompts by successive halving as AISP is, then run on the test prompts (prelogit.samplers)
-    "samplers": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "temperature": list_of(POS, 0),
-                 "top_p": list_of(num(0, 1, low_open=True), 0), "sigma_rms": list_of(POS, 0), "tau": integer(1),
-                 "rungs": list_of(integer(1)), "eta": integer(2), "test_prompts": integer(1), "batch_size": integer(1)},
-    "misvo": {"seed": SEED, "val_prompts": integer(1), "N": integer(2), "center": misvo_arm,
-              "eta": list_of(num(0, low_open=True), 0), "lam": list_of(num(0), 0), "K": list_of(integer(2), 0),
-              "fisher": list_of(choice("reference", "identity"), 0), "rungs": list_of(integer(1)),
-              "halving": integer(2), "n_prompts": integer(1), "final_rollout": boolean},
-    # How the generating stages are started (read by the stage wrapper, not by the notebooks): one plain
-    # process, or accelerate launch with num_processes processes that share the prompts out
-    "launch": {"launcher": choice("python", "accelerate"), "num_processes": integer(1), "config_file": optional(string)},
-    "theory": {"seed": SEED, "false_alarm": num(0, 1, low_open=True, high_open=True), "sigma": POS, "lam": POS,
-               "kappa": POS, "offset": num(0), "quad_curvatures": list_of(num(0)), "dims": list_of(integer(1)),
-               "n_grid": list_of(integer(2), 2), "n_seeds": integer(2), "iter_dim": integer(1), "iter_n": integer(2),
-               "K": integer(1), "alphas": list_of(num(0, 1, high_open=True)), "kl_samples": integer(10),
-               "lam_ratios": list_of(POS), "ess_n": integer(2), "ess_dims": list_of(integer(1)), "ess_shift": num(0),
-               "ess_curvature": num(0), "gauss_split": choice("train", "val", "test"), "gauss_prompts": integer(1),
-               "gauss_samples": integer(1), "gauss_max_new_tokens": integer(1),
-               "gauss_level": num(0, 1, low_open=True, high_open=True), "gauss_qq_dims": integer(1),
-               "gauss_sigmas": list_of(POS)},
-    "args": {"seed": SEED, "n_prompts": integer(1), "k": integer(1), "w": num(0), "decode": choice("greedy", "sample")},
-    "recontrol": {"seed": SEED, "n_prompts": integer(1), "train_prompts": integer(2), "samples_per_prompt": integer(1),
-                  "holdout": num(0, 1, high_open=True), "epochs": integer(1), "lr": POS, "batch_size": integer(1),
-                  "hidden": integer(1), "layers": integer(1), "step_size": num(0), "n_steps": integer(0)},
-    # the second prompt distribution (prepare.n_qa ChatterBot questions): each reading's tuned configuration, its
-    # frozen-U twin and best-of-N at N, with no tuning on these prompts
-    "transfer": {"seed": SEED, "n_prompts": integer(1), "N": integer(1), "batch_size": integer(1)},
-    # the whole procedure again with other seeds: each seed's own tune search (the tune section's arms, rungs and
-    # prompts), then each reading's selection, its frozen-U twin, best-of-N and the tuned sampler on the test prompts
-    "replicate": {"seeds": list_of(SEED), "test_prompts": integer(1), "N": integer(1), "batch_size": integer(1)},
-    "figures": {"n_boot": integer(100), "ci_level": num(0.5, 1, high_open=True), "seed": SEED,
-                "power": num(0, 1, low_open=True, high_open=True), "verdict_N": integer(1), "margin_sd": POS},
-}
+#: Every section class, by its name in params.yaml, in the order the classes below are defined.
+SECTIONS: dict[str, type[Section]] = {}
+
+
+def key(check: Check) -> Any:
+    """A section's key: a required dataclass field whose check travels in its metadata."""
+    return field(metadata={"check": check})
+
+
+class Section:
+    """A params.yaml section as a frozen dataclass: its fields are the section's keys, in order, each with
+    its type and its check. The schema (:data:`SCHEMA`) is derived from these classes, so a key is added,
+    typed and checked in one place. ``Model.of(params)`` is the validated, typed section."""
+
+    section: ClassVar[str]
+
+    def __init_subclass__(cls, section: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.section = section
+        SECTIONS[section] = cls
+
+    @classmethod
+    def checks(cls) -> dict[str, Check]:
+        """The section's keys, in order, with their checks."""
+        return {f.name: f.metadata["check"] for f in fields(cast(Any, cls))}
+
+    @classmethod
+    def of(cls, params: dict) -> Self:
+        """The section of ``params`` (the whole params.yaml mapping), checked by :func:`validate_section`."""
+        return cls(**validate_section(params, cls.section))
+
+
+@dataclass(frozen=True)
+class Model(Section, section='model'):
+    """The language model every generating stage loads, where it runs, and how many rows one forward pass takes."""
+
+    name: str = key(string)
+    dtype: str = key(choice('float32', 'bfloat16', 'float16', 'float64'))
+    device: str = key(check_device)
+    cache_dir: str = key(string)
+    threads: int = key(integer(0))
+    max_rows: int = key(integer(1))
+    device_map: str | None = key(optional(choice('auto')))
+
+
+@dataclass(frozen=True)
+class Generation(Section, section='generation'):
+    """How a continuation is decoded when no method overrides it: its length, sampling or greedy, temperature, top-k, top-p."""
+
+    max_new_tokens: int = key(integer(1))
+    decode: str = key(choice('sample', 'greedy'))
+    temperature: float = key(POS)
+    top_k: int = key(integer(0))
+    top_p: float = key(num(0, 1, low_open=True))
+
+
+@dataclass(frozen=True)
+class Reward(Section, section='reward'):
+    """The optimised reward: the embedded MiniLM sentiment head (trained by the prepare stage) or a hub reward model."""
+
+    kind: str = key(choice('embedded', 'hf'))
+    name: str | None = key(optional(string))
+    dtype: str = key(choice('float32', 'bfloat16', 'float16'))
+
+
+@dataclass(frozen=True)
+class Prepare(Section, section='prepare'):
+    """The prompts (source, split sizes, prompt length) and the embedded reward head's VADER-labelled training data."""
+
+    seed: int = key(SEED)
+    source: str = key(choice('chitchat', 'hh_rlhf', 'shp'))
+    source_path: str | None = key(optional(string))
+    n_train: int = key(integer(1))
+    n_val: int = key(integer(0))
+    n_test: int = key(integer(1))
+    n_qa: int = key(integer(0))
+    max_prompt_tokens: int = key(integer(8))
+    reward_utterances: int = key(integer(50))
+    reward_threshold: float = key(num(0, 1, low_open=True, high_open=True))
+    reward_seed: int = key(SEED)
+
+
+@dataclass(frozen=True)
+class BestOfN(Section, section='bon'):
+    """Best-of-N on the test prompts: the budgets of its curve, and an optional larger run on the first prompts."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    max_samples: int = key(integer(1))
+    large_prompts: int = key(integer(0))
+    large_samples: int = key(integer(1))
+    budgets: list[int] = key(list_of(integer(1)))
+    batch_size: int = key(integer(1))
+
+
+@dataclass(frozen=True)
+class Tune(Section, section='tune'):
+    """The tuning search on the validation prompts: the centre arm, the one-factor values, the readings, random arms, the halving rungs; the held-out prompts and the claim checks."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    holdout_prompts: int = key(integer(0))
+    N: int = key(integer(1))
+    rms_samples: int = key(integer(1))
+    center: dict[str, Any] = key(arm)
+    sigma_rms: list[float] = key(list_of(POS, 0))
+    lam_absolute: list[float] = key(list_of(POS, 0))
+    lam_std: list[float] = key(list_of(POS, 0))
+    alpha_mppi: list[float] = key(list_of(UNIT, 0))
+    alpha_step: list[float] = key(list_of(UNIT, 0))
+    tau: list[int | str] = key(list_of(tau_value, 0))
+    n: list[int] = key(list_of(integer(1), 0))
+    readings: list[str] = key(list_of(choice('sample', 'greedy')))
+    n_random: int = key(integer(0))
+    rungs: list[int] = key(list_of(integer(1)))
+    eta: int = key(integer(2))
+    claim_prompts: int = key(integer(0))
+
+
+@dataclass(frozen=True)
+class AISP(Section, section='aisp'):
+    """AISP on the test prompts at the tuned arm (and its frozen-U twin); the large run; the literature arm's sweep; the variance study."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    N: int = key(integer(1))
+    large_prompts: int = key(integer(0))
+    large_N: int = key(integer(1))
+    final_rollout: bool = key(boolean)
+    lit_prompts: int = key(integer(0))
+    lit_sigma: float = key(POS)
+    lit_alpha: float = key(UNIT)
+    lit_lams: list[float] = key(list_of(POS, 0))
+    lit_n: int = key(integer(1))
+    lit_tau: int | str = key(tau_value)
+    variance_prompts: int = key(integer(0))
+    variance_V: int = key(integer(2))
+    variance_reps: int = key(integer(2))
+
+
+@dataclass(frozen=True)
+class Samplers(Section, section='samplers'):
+    """The best non-adaptive sampler (temperature x top_p, or greedy given V ~ N(0, sigma^2 I)), chosen on the
+    validation prompts by successive halving as AISP is, then run on the test prompts (:mod:`prelogit.samplers`)."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    N: int = key(integer(1))
+    temperature: list[float] = key(list_of(POS, 0))
+    top_p: list[float] = key(list_of(num(0, 1, low_open=True), 0))
+    sigma_rms: list[float] = key(list_of(POS, 0))
+    tau: int = key(integer(1))
+    rungs: list[int] = key(list_of(integer(1)))
+    eta: int = key(integer(2))
+    test_prompts: int = key(integer(1))
+    batch_size: int = key(integer(1))
+
+
+@dataclass(frozen=True)
+class MISVO(Section, section='misvo'):
+    """MISVO, the strongest newer peer: its search on the validation prompts and its test run (:mod:`prelogit.misvo`).
+    ``N`` here is the number of MISVO steps times K, the sample budget as everywhere else."""
+
+    seed: int = key(SEED)
+    val_prompts: int = key(integer(1))
+    N: int = key(integer(2))
+    center: dict[str, Any] = key(misvo_arm)
+    eta: list[float] = key(list_of(num(0, low_open=True), 0))
+    lam: list[float] = key(list_of(num(0), 0))
+    K: list[int] = key(list_of(integer(2), 0))
+    fisher: list[str] = key(list_of(choice('reference', 'identity'), 0))
+    rungs: list[int] = key(list_of(integer(1)))
+    halving: int = key(integer(2))
+    n_prompts: int = key(integer(1))
+    final_rollout: bool = key(boolean)
+
+
+@dataclass(frozen=True)
+class Launch(Section, section='launch'):
+    """How the generating stages are started (read by the stage wrapper, not by the notebooks): one plain
+    process, or accelerate launch with num_processes processes that share the prompts out."""
+
+    launcher: str = key(choice('python', 'accelerate'))
+    num_processes: int = key(integer(1))
+    config_file: str | None = key(optional(string))
+
+
+@dataclass(frozen=True)
+class Theory(Section, section='theory'):
+    """The closed-form checks on the Gaussian toy (Monte-Carlo tolerances, the ESS sweeps, the KL) and the
+    gaussianity study of the real model's pre-logits."""
+
+    seed: int = key(SEED)
+    false_alarm: float = key(num(0, 1, low_open=True, high_open=True))
+    sigma: float = key(POS)
+    lam: float = key(POS)
+    kappa: float = key(POS)
+    offset: float = key(num(0))
+    quad_curvatures: list[float] = key(list_of(num(0)))
+    dims: list[int] = key(list_of(integer(1)))
+    n_grid: list[int] = key(list_of(integer(2), 2))
+    n_seeds: int = key(integer(2))
+    iter_dim: int = key(integer(1))
+    iter_n: int = key(integer(2))
+    K: int = key(integer(1))
+    alphas: list[float] = key(list_of(num(0, 1, high_open=True)))
+    kl_samples: int = key(integer(10))
+    lam_ratios: list[float] = key(list_of(POS))
+    ess_n: int = key(integer(2))
+    ess_dims: list[int] = key(list_of(integer(1)))
+    ess_shift: float = key(num(0))
+    ess_curvature: float = key(num(0))
+    gauss_split: str = key(choice('train', 'val', 'test'))
+    gauss_prompts: int = key(integer(1))
+    gauss_samples: int = key(integer(1))
+    gauss_max_new_tokens: int = key(integer(1))
+    gauss_level: float = key(num(0, 1, low_open=True, high_open=True))
+    gauss_qq_dims: int = key(integer(1))
+    gauss_sigmas: list[float] = key(list_of(POS))
+
+
+@dataclass(frozen=True)
+class ARGS(Section, section='args'):
+    """The ARGS baseline: reward-guided decoding with k candidates per token and weight w."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    k: int = key(integer(1))
+    w: float = key(num(0))
+    decode: str = key(choice('greedy', 'sample'))
+
+
+@dataclass(frozen=True)
+class REControl(Section, section='recontrol'):
+    """The RE-Control baseline: a value network trained on the model's hidden states, then gradient steps at decoding."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    train_prompts: int = key(integer(2))
+    samples_per_prompt: int = key(integer(1))
+    holdout: float = key(num(0, 1, high_open=True))
+    epochs: int = key(integer(1))
+    lr: float = key(POS)
+    batch_size: int = key(integer(1))
+    hidden: int = key(integer(1))
+    layers: int = key(integer(1))
+    step_size: float = key(num(0))
+    n_steps: int = key(integer(0))
+
+
+@dataclass(frozen=True)
+class Transfer(Section, section='transfer'):
+    """The second prompt distribution (prepare.n_qa ChatterBot questions): each reading's tuned configuration, its
+    frozen-U twin and best-of-N at N, with no tuning on these prompts."""
+
+    seed: int = key(SEED)
+    n_prompts: int = key(integer(1))
+    N: int = key(integer(1))
+    batch_size: int = key(integer(1))
+
+
+@dataclass(frozen=True)
+class Replicate(Section, section='replicate'):
+    """The whole procedure again with other seeds: each seed's own tune search (the tune section's arms, rungs and
+    prompts), then each reading's selection, its frozen-U twin, best-of-N and the tuned sampler on the test prompts."""
+
+    seeds: list[int] = key(list_of(SEED))
+    test_prompts: int = key(integer(1))
+    N: int = key(integer(1))
+    batch_size: int = key(integer(1))
+
+
+@dataclass(frozen=True)
+class Figures(Section, section='figures'):
+    """The verdict's statistics: bootstrap resamples, interval level, the power the margins are set for, the N
+    at which the claims are judged, the equivalence margin in reward sds."""
+
+    n_boot: int = key(integer(100))
+    ci_level: float = key(num(0.5, 1, high_open=True))
+    seed: int = key(SEED)
+    power: float = key(num(0, 1, low_open=True, high_open=True))
+    verdict_N: int = key(integer(1))
+    margin_sd: float = key(POS)
+
+
+#: The checks of every key of every section, derived from the section classes.
+SCHEMA: dict[str, dict[str, Check]] = {name: cls.checks() for name, cls in SECTIONS.items()}
 
 #: Sections each stage reads (its own first) and the fixed paths it reads and writes.
 STAGES: dict[str, dict[str, Any]] = {
