@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, cast
+from typing import cast
 
 import torch
 
@@ -33,6 +33,7 @@ from .engine import check_prompt_lists, generate, prefill, score
 # prelogit.aisp (they change with their stages' next re-run)
 from .engine import prompt_generator, run_best_of_n, run_best_of_n_many  # noqa: F401
 from .metrics import CostMeter
+from .records import AISPBest, AISPConfigDict, AISPFinalRollout, AISPIteration, AISPRecord
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 from .theory import kl_to_base
@@ -116,7 +117,7 @@ def per_prompt_configs(cfg, P: int, cls: type = AISPConfig, shared: Sequence[str
 
 def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str], user_texts: Sequence[str],
                   cfg: AISPConfig | Sequence[AISPConfig], generators: Sequence[torch.Generator],
-                  decode: str | None = None) -> list[dict]:
+                  decode: str | None = None) -> list[AISPRecord]:
     """AISP on several prompts in lockstep; one record per prompt, as :func:`run_aisp` returns.
 
     Args:
@@ -140,9 +141,10 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
     meters = [CostMeter() for _ in range(P)]
     pre = prefill(sampler, prompts, meters)
     U = [torch.zeros(B, c.tau, d) for c in cfgs]  # per prompt: tau differs between configs
-    best: list[dict[str, Any]] = [{"reward": float("-inf"), "response": None, "iteration": None, "chain": None}
-                                  for _ in range(P)]
-    iterations: list[list[dict]] = [[] for _ in range(P)]
+    # a placeholder until the first iteration replaces it: every reward is finite (engine.score checks), so > -inf
+    best: list[AISPBest] = [cast(AISPBest, {"reward": float("-inf"), "response": None, "iteration": None, "chain": None})
+                            for _ in range(P)]
+    iterations: list[list[AISPIteration]] = [[] for _ in range(P)]
     for k in range(1, K + 1):
         # Drawn prompt by prompt from each prompt's own generator, in prompt order.
         V = [U[p][:, None] + torch.randn(B, n, cfgs[p].tau, d, generator=generators[p]) * cfgs[p].sigma
@@ -156,9 +158,10 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
             if float(r.view(-1)[i_best]) > best[p]["reward"]:
                 best[p] = {"reward": float(r.view(-1)[i_best]), "response": g.texts[i_best], "iteration": k,
                            "chain": i_best // n}
-            rec = {"k": k, "samples_so_far": B * n * k, "rewards": r.tolist(), "responses": g.texts,
-                   "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
-                   "sd_reward_term": [], "sd_lr_term": [], "best_so_far": dict(best[p])}
+            rec: AISPIteration = {
+                "k": k, "samples_so_far": B * n * k, "rewards": r.tolist(), "responses": g.texts,
+                "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
+                "sd_reward_term": [], "sd_lr_term": [], "best_so_far": cast(AISPBest, dict(best[p]))}
             for b in range(B):
                 lam_eff = c.lam if c.lam_mode == "absolute" else c.lam * max(float(r[b].std(unbiased=False)), 1e-8)
                 # what the weights follow: the spread of r / lam against that of the likelihood-ratio term
@@ -173,7 +176,7 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                 rec["U_norm"].append(float(U[p][b].norm()))
                 rec["kl"].append(float(kl_to_base(U[p][b], c.sigma)))
             iterations[p].append(rec)
-    finals: list[dict[str, Any] | None] = [None] * P
+    finals: list[AISPFinalRollout | None] = [None] * P
     if final_rollout:
         gens = generate(sampler, pre, [B] * P, meters, controls=list(U), generators=generators, decode=decode,
                          record_kl=True)
@@ -181,14 +184,14 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
         # g.kl is set: record_kl=True
         finals = [{"responses": g.texts, "rewards": s.tolist(), "kl": cast(torch.Tensor, g.kl).tolist()}
                   for g, s in zip(gens, scores)]
-    return [{"method": "aisp", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
-             "iterations": iterations[p], "final_rollout": finals[p],
+    return [{"method": "aisp", "config": cast(AISPConfigDict, asdict(cfgs[p])), "samples_used": cfgs[p].budget,
+             "best": best[p], "iterations": iterations[p], "final_rollout": finals[p],
              "kl_final": [float(kl_to_base(U[p][b], cfgs[p].sigma)) for b in range(B)], "cost": meters[p].as_dict()}
             for p in range(P)]
 
 
 def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, cfg: AISPConfig,
-             generator: torch.Generator, decode: str | None = None) -> dict:
+             generator: torch.Generator, decode: str | None = None) -> AISPRecord:
     """AISP on one prompt: :func:`run_aisp_many` with a single prompt.
 
     Args:
@@ -206,6 +209,7 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
         the final mean U without noise, its reward and ``kl``, the Monte-Carlo term of the
         sequence-level KL(pi_U || pi_ref) of the policy steered by U; see
         :attr:`prelogit.sampling.Generation.kl`), ``kl_final`` (the control-space KL(Q_U || P) of the
-        final mean, per chain) and the cost counters.
+        final mean, per chain) and the cost counters. Every field, its shape and unit:
+        :class:`prelogit.records.AISPRecord`.
     """
     return run_aisp_many(sampler, reward, [prompt], [user_text], cfg, [generator], decode)[0]

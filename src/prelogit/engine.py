@@ -21,6 +21,7 @@ import torch
 
 from .checks import ParameterError, check_number
 from .metrics import CostMeter
+from .records import BestOfNRecord
 from .rewards import RewardModel, check_scores
 from .sampling import Generation, Prefill, PrelogitSampler
 
@@ -85,7 +86,7 @@ def prefill(sampler: PrelogitSampler, prompts: Sequence[str], meters: list[CostM
 
 def run_best_of_n_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str],
                        user_texts: Sequence[str], N: int, generators: Sequence[torch.Generator],
-                       batch_size: int | None = None) -> list[dict]:
+                       batch_size: int | None = None) -> list[BestOfNRecord]:
     """Best-of-N on several prompts at once: N base-model samples each (no control), keep the highest reward.
 
     Every prompt's samples are generated in one sampler call (micro-batched by the sampler) and
@@ -110,7 +111,7 @@ def run_best_of_n_many(sampler: PrelogitSampler, reward: RewardModel, prompts: S
             rewards[p].append(s)
             texts[p] += gens[p].texts
             lengths[p] += gens[p].lengths.tolist()
-    out = []
+    out: list[BestOfNRecord] = []
     for p in range(P):
         r = torch.cat(rewards[p])
         i = int(torch.argmax(r))
@@ -121,7 +122,7 @@ def run_best_of_n_many(sampler: PrelogitSampler, reward: RewardModel, prompts: S
 
 
 def run_best_of_n(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, N: int,
-                  generator: torch.Generator, batch_size: int | None = None) -> dict:
+                  generator: torch.Generator, batch_size: int | None = None) -> BestOfNRecord:
     """Best-of-N on one prompt: :func:`run_best_of_n_many` with a single prompt."""
     return run_best_of_n_many(sampler, reward, [prompt], [user_text], N, [generator], batch_size)[0]
 

@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
 from .checks import ParameterError, check_number
+from .records import CostRecord
 from .rewards import check_scores
 from .theory import kl_best_of_n, kl_to_base
 
@@ -298,5 +300,5 @@ class CostMeter:
     def time_total_s(self) -> float:
         return self.time_generation_s + self.time_reward_s
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "time_total_s": self.time_total_s}
+    def as_dict(self) -> CostRecord:
+        return cast(CostRecord, {**asdict(self), "time_total_s": self.time_total_s})

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import cast
 
 import torch
 
@@ -46,6 +46,7 @@ from .aisp import per_prompt_configs
 from .engine import check_prompt_lists, generate, prefill, score
 from .checks import ParameterError, check_choice, check_number
 from .metrics import CostMeter
+from .records import MISVOBest, MISVOConfigDict, MISVOFinalRollout, MISVOIteration, MISVORecord
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 
@@ -291,7 +292,7 @@ def check_sampler_for_misvo(sampler: PrelogitSampler, decode: str | None = None)
 
 def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str], user_texts: Sequence[str],
                    cfg: MISVOConfig | Sequence[MISVOConfig], generators: Sequence[torch.Generator],
-                   decode: str | None = None) -> list[dict]:
+                   decode: str | None = None) -> list[MISVORecord]:
     """MISVO on several prompts in lockstep; one JSON-ready record per prompt.
 
     Each step generates every prompt's K rows in one sampler call (steered by the prompt's current
@@ -314,7 +315,8 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         Monte-Carlo terms of KL(pi_u || pi_ref) of this step's samples, see :func:`sequence_kl`;
         0 at step 1), ``kl_mean`` and ``best_so_far``), ``final_rollout`` (None, or the response
         generated from the final u, its reward and its ``kl`` term, recorded by the sampler), and
-        ``cost`` (as for AISP). ``best_so_far`` after step k is the answer of MISVO with N = k.
+        ``cost`` (as for AISP). ``best_so_far`` after step k is the answer of MISVO with N = k. Every
+        field, its shape and unit: :class:`prelogit.records.MISVORecord`.
     Raises:
         ParameterError: greedy decoding, top-k or top-p on, or bad configs.
     """
@@ -333,9 +335,10 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     pre = prefill(sampler, prompts, meters)
     U = [torch.zeros(T, d, dtype=torch.float64, device=W.device) for _ in range(P)]
     ref: list[ReferenceFisher | None] = [None] * P
-    best: list[dict[str, Any]] = [{"reward": float("-inf"), "response": None, "step": None, "index": None}
-                                  for _ in range(P)]
-    iterations: list[list[dict]] = [[] for _ in range(P)]
+    # a placeholder until the first step replaces it: every reward is finite (engine.score checks), so > -inf
+    best: list[MISVOBest] = [cast(MISVOBest, {"reward": float("-inf"), "response": None, "step": None, "index": None})
+                             for _ in range(P)]
+    iterations: list[list[MISVOIteration]] = [[] for _ in range(P)]
     for k in range(1, N + 1):
         # the control the sampler applies is u rounded to float32; the algebra uses that same value
         applied = [u.float() for u in U]
@@ -361,13 +364,15 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
                 # ref[p] was set at k = 1 (lam > 0 and fisher "reference")
                 Fu = U[p] if c.fisher == "identity" else cast(ReferenceFisher, ref[p]).apply(W, U[p]).to(torch.float64)
                 step = grad - c.lam * Fu
-            rec = {"k": k, "samples_so_far": K * k, "rewards": r.tolist(), "responses": g.texts,
-                   "lengths": g.lengths.tolist(), "u_norm": float(U[p].norm()), "grad_norm": float(grad.norm()),
-                   "kl": kl.tolist(), "kl_mean": float(kl.mean()), "best_so_far": dict(best[p])}
+            # u_norm_next, after the update, is filled in below
+            rec = cast(MISVOIteration, {
+                "k": k, "samples_so_far": K * k, "rewards": r.tolist(), "responses": g.texts,
+                "lengths": g.lengths.tolist(), "u_norm": float(U[p].norm()), "grad_norm": float(grad.norm()),
+                "kl": kl.tolist(), "kl_mean": float(kl.mean()), "best_so_far": dict(best[p])})
             U[p] = U[p] + c.eta * step
             rec["u_norm_next"] = float(U[p].norm())
             iterations[p].append(rec)
-    finals: list[dict[str, Any] | None] = [None] * P
+    finals: list[MISVOFinalRollout | None] = [None] * P
     if final_rollout:
         gens = generate(sampler, pre, [1] * P, meters, controls=[u.float()[None].cpu() for u in U],
                          generators=generators, decode="sample", record_kl=True)
@@ -375,11 +380,12 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         # g.kl is set: record_kl=True
         finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl": cast(torch.Tensor, g.kl).tolist(),
                    "u_norm": float(u.norm())} for g, s_, u in zip(gens, scores, U)]
-    return [{"method": "misvo", "config": asdict(cfgs[p]), "samples_used": cfgs[p].budget, "best": best[p],
-             "iterations": iterations[p], "final_rollout": finals[p], "cost": meters[p].as_dict()} for p in range(P)]
+    return [{"method": "misvo", "config": cast(MISVOConfigDict, asdict(cfgs[p])), "samples_used": cfgs[p].budget,
+             "best": best[p], "iterations": iterations[p], "final_rollout": finals[p], "cost": meters[p].as_dict()}
+            for p in range(P)]
 
 
 def run_misvo(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_text: str, cfg: MISVOConfig,
-              generator: torch.Generator, decode: str | None = None) -> dict:
+              generator: torch.Generator, decode: str | None = None) -> MISVORecord:
     """MISVO on one prompt: :func:`run_misvo_many` with a single prompt."""
     return run_misvo_many(sampler, reward, [prompt], [user_text], cfg, [generator], decode)[0]

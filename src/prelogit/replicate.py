@@ -24,6 +24,7 @@ from typing import Any
 from . import runs, samplers, search
 from .aisp import frozen_twin
 from .engine import prompt_generator
+from .records import AISPRecord, BestOfNRecord, CurveRow
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 from .shard import run_sharded
@@ -38,11 +39,12 @@ def sampler_arm(selected: Mapping[str, Any]) -> tuple[samplers.SamplerArm, float
     return samplers.SamplerArm.from_dict({k: selected[k] for k in SAMPLER_ARM_KEYS if k in selected}), float(selected["rms"])
 
 
-def sampler_records(sampler: PrelogitSampler, reward: RewardModel, judges: dict, rows: Sequence[dict],
-                    arm: samplers.SamplerArm, N: int, seed: int, rms: float, batch_size: int) -> list[dict]:
+def sampler_records(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel],
+                    rows: Sequence[dict], arm: samplers.SamplerArm, N: int, seed: int, rms: float,
+                    batch_size: int) -> list[BestOfNRecord]:
     """N draws of a non-adaptive sampler arm per prompt row, seeded by (seed, prompt id) as the samplers
     stage's test run, judged, ``prompt_id`` and ``prompt`` filled in; sharded by prompt."""
-    def run(share: list[dict]) -> list[dict]:
+    def run(share: list[dict]) -> list[BestOfNRecord]:
         recs = samplers.run_arm_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], arm, N,
                                      [prompt_generator(seed, p["id"]) for p in share], rms, batch_size)
         for p, rec in zip(share, recs):
@@ -53,11 +55,11 @@ def sampler_records(sampler: PrelogitSampler, reward: RewardModel, judges: dict,
     return run_sharded(list(rows), run)
 
 
-def _judged_curve(records: list[dict], reading: str | None = None) -> list[dict]:
+def _judged_curve(records: Sequence[AISPRecord], reading: str | None = None) -> list[CurveRow]:
     return [{**row, **({"reading": reading} if reading else {})} for row in runs.aisp_curve(records)]
 
 
-def run_seed(sampler: PrelogitSampler, reward: RewardModel, judges: dict, search_rows: Sequence[dict],
+def run_seed(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel], search_rows: Sequence[dict],
              holdout_rows: Sequence[dict], test_rows: Sequence[dict], tune_params: Mapping[str, Any], seed: int,
              N: int, max_new_tokens: int, arm: samplers.SamplerArm, arm_rms: float, batch_size: int) -> dict:
     """Tune with ``seed``, then test (module docstring).

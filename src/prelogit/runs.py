@@ -6,7 +6,9 @@ every stage computes the same quantity the same way.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,7 +17,8 @@ from .engine import prompt_generator, run_best_of_n_many
 from .io import read_jsonl
 from .metrics import distinct_ngram_diversity, expected_best_of_n
 from .models import load_model
-from .rewards import build_judges, build_reward, MiniLMEncoder
+from .records import AISPIteration, AISPRecord, BestOfNRecord, CurveRow, SearchRecord
+from .rewards import build_judges, build_reward, MiniLMEncoder, RewardModel
 from .sampling import DEFAULT_MAX_ROWS, PrelogitSampler
 from .shard import process_device, run_sharded
 from .theory import kl_best_of_n
@@ -73,19 +76,19 @@ def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, 
     return build_reward(spec, encoder=encoder, device=device), build_judges(encoder), encoder
 
 
-def judge_all(judges: dict, user_texts: list[str], responses: list[str]) -> dict[str, list[float]]:
+def judge_all(judges: Mapping[str, RewardModel], user_texts: list[str], responses: list[str]) -> dict[str, list[float]]:
     """Every judge's score for each (prompt, response) pair."""
     return {name: j.score(user_texts, responses).tolist() for name, j in judges.items()}
 
 
-def best_of_n_records(sampler: PrelogitSampler, reward, judges: dict, rows: list[dict], N: int, seed: int,
-                      batch_size: int) -> list[dict]:
+def best_of_n_records(sampler: PrelogitSampler, reward, judges: Mapping[str, RewardModel], rows: list[dict], N: int,
+                      seed: int, batch_size: int) -> list[BestOfNRecord]:
     """Best-of-N records for the prompt ``rows`` (``load_prompts`` rows): N samples each, every
     prompt seeded by (seed, prompt id), every sample scored by the held-out judges; ``prompt_id``
     and ``prompt`` filled in. Under ``accelerate launch`` each process runs its share of the prompts
     and every process gets all records back, in prompt order (:func:`prelogit.shard.run_sharded`).
     """
-    def run(share: list[dict]) -> list[dict]:
+    def run(share: list[dict]) -> list[BestOfNRecord]:
         recs = run_best_of_n_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], N,
                                   [prompt_generator(seed, p["id"]) for p in share], batch_size)
         for p, rec in zip(share, recs):
@@ -96,14 +99,14 @@ def best_of_n_records(sampler: PrelogitSampler, reward, judges: dict, rows: list
     return run_sharded(rows, run)
 
 
-def aisp_records(sampler: PrelogitSampler, reward, judges: dict, rows: list[dict], config: AISPConfig, seed: int,
-                 decode: str | None) -> list[dict]:
+def aisp_records(sampler: PrelogitSampler, reward, judges: Mapping[str, RewardModel], rows: list[dict],
+                 config: AISPConfig, seed: int, decode: str | None) -> list[AISPRecord]:
     """AISP records for the prompt ``rows``, all prompts in lockstep (one batched generate and one
     reward call per iteration), each seeded by (seed, prompt id), decoding given V by ``decode``;
     the held-out judges score every best-so-far answer (``best_so_far_judges``, one dict per
     iteration); ``prompt_id`` and ``prompt`` filled in. Sharded as :func:`best_of_n_records`.
     """
-    def run(share: list[dict]) -> list[dict]:
+    def run(share: list[dict]) -> list[AISPRecord]:
         recs = run_aisp_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], config,
                              [prompt_generator(seed, p["id"]) for p in share], decode=decode)
         for p, rec in zip(share, recs):
@@ -116,39 +119,45 @@ def aisp_records(sampler: PrelogitSampler, reward, judges: dict, rows: list[dict
     return run_sharded(rows, run)
 
 
-def bon_curve(records: list[dict], budgets: list[int]) -> list[dict]:
+def bon_curve(records: Sequence[BestOfNRecord], budgets: list[int]) -> list[CurveRow]:
     """Best-of-N at each budget from the same draws, per prompt (unbiased order-statistics estimate).
 
     For the reward and for each judge, the judge's score of the reward-selected sample. A prompt
     with fewer than N samples has no row at N (the large budgets run on a subset of the prompts).
+    The rows' ``kl`` is best-of-N's bound log N - (N - 1) / N (:data:`prelogit.records.CurveRow`).
     """
-    rows = []
+    rows: list[CurveRow] = []
     for N in budgets:
         for rec in records:
             if len(rec["rewards"]) < N:
                 continue
             r = torch.tensor(rec["rewards"])
-            row = {"N": N, "prompt_id": rec["prompt_id"], "reward": expected_best_of_n(r, N),
-                   "kl": kl_best_of_n(N)}
+            row: CurveRow = {"N": N, "prompt_id": rec["prompt_id"], "reward": expected_best_of_n(r, N),
+                             "kl": kl_best_of_n(N)}
             for name, vals in rec["judges"].items():
                 row[name] = expected_best_of_n(r, N, torch.tensor(vals))
             rows.append(row)
     return rows
 
 
-def aisp_curve(records: list[dict]) -> list[dict]:
-    """AISP's best-so-far after each iteration, per prompt: budget N = B * n * k."""
-    rows = []
+def aisp_curve(records: Sequence[SearchRecord]) -> list[CurveRow]:
+    """AISP's best-so-far after each iteration, per prompt: budget N = B * n * k.
+
+    Also MISVO's after each step (the misvo stage), N = K * k. The rows' ``kl`` is the mean of the
+    iteration's ``kl``: for AISP records a control-space KL, for MISVO records a Monte-Carlo
+    sequence-level KL (:data:`prelogit.records.CurveRow`).
+    """
+    rows: list[CurveRow] = []
     for rec in records:
         for it, judged in zip(rec["iterations"], rec["best_so_far_judges"]):
-            row = {"N": it["samples_so_far"], "prompt_id": rec["prompt_id"], "reward": it["best_so_far"]["reward"],
-                   "kl": float(sum(it["kl"]) / len(it["kl"]))}
+            row: CurveRow = {"N": it["samples_so_far"], "prompt_id": rec["prompt_id"],
+                             "reward": it["best_so_far"]["reward"], "kl": float(sum(it["kl"]) / len(it["kl"]))}
             row.update(judged)
             rows.append(row)
     return rows
 
 
-def mean_by(rows: list[dict], key: str, value: str) -> dict:
+def mean_by(rows: Sequence[Mapping[str, Any]], key: str, value: str) -> dict[Any, float]:
     """Mean of ``value`` grouped by ``key``."""
     groups: dict = {}
     for r in rows:
@@ -156,7 +165,7 @@ def mean_by(rows: list[dict], key: str, value: str) -> dict:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def by_iteration(records: list[dict], ids: set[str] | None = None) -> dict[str, dict]:
+def by_iteration(records: Sequence[AISPRecord], ids: set[str] | None = None) -> dict[str, dict[str, float]]:
     """AISP (or frozen-U twin) records per iteration: k (as a string, JSON's key) -> the means over
     the prompts (those in ``ids``, or all) and their chains of
 
@@ -170,7 +179,7 @@ def by_iteration(records: list[dict], ids: set[str] | None = None) -> dict[str, 
     and ``prompts``, how many prompts reached iteration k. Every prompt runs the same chains of n
     draws, so a mean over all draws is also the mean of the per-prompt means.
     """
-    its: dict[int, list[dict]] = {}
+    its: dict[int, list[AISPIteration]] = {}
     for r in records:
         if ids is None or r["prompt_id"] in ids:
             for it in r["iterations"]:

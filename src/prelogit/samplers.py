@@ -30,6 +30,7 @@ import torch
 from .engine import check_prompt_lists, generate, prefill, prompt_generator, run_best_of_n_many, score
 from .checks import ParameterError, check_choice, check_number
 from .metrics import CostMeter
+from .records import BestOfNRecord
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 
@@ -109,7 +110,7 @@ def _with_arm(sampler: PrelogitSampler, arm: SamplerArm) -> PrelogitSampler:
 
 def run_arm_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str], user_texts: Sequence[str],
                  arm: SamplerArm, N: int, generators: Sequence[torch.Generator], rms: float,
-                 batch_size: int | None = None) -> list[dict]:
+                 batch_size: int | None = None) -> list[BestOfNRecord]:
     """N draws of ``arm`` on each prompt, all prompts batched; one record per prompt.
 
     Args:
@@ -155,7 +156,7 @@ def run_arm_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequenc
 
 def _noisy_greedy_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequence[str],
                        user_texts: Sequence[str], sigma: float, tau: int, N: int,
-                       generators: Sequence[torch.Generator], batch_size: int) -> list[dict]:
+                       generators: Sequence[torch.Generator], batch_size: int) -> list[BestOfNRecord]:
     """Greedy decoding given V ~ N(0, sigma^2 I) of shape (N, tau, d) per prompt; run_best_of_n_many's records."""
     P, d = len(prompts), sampler.d
     meters = [CostMeter() for _ in range(P)]
@@ -172,7 +173,7 @@ def _noisy_greedy_many(sampler: PrelogitSampler, reward: RewardModel, prompts: S
             rewards[p].append(s)
             texts[p] += gens[p].texts
             lengths[p] += gens[p].lengths.tolist()
-    out = []
+    out: list[BestOfNRecord] = []
     for p in range(P):
         r = torch.cat(rewards[p])
         i = int(torch.argmax(r))
@@ -189,7 +190,7 @@ def pair_generator(seed: int, arm: SamplerArm, prompt_id: str) -> torch.Generato
 
 def run_pairs(sampler: PrelogitSampler, reward: RewardModel, arms: Sequence[SamplerArm], rows_by_id: dict[str, dict],
               pairs: Sequence[tuple[int, str]], seed: int, N: int, rms: float,
-              batch_size: int | None = None) -> list[dict]:
+              batch_size: int | None = None) -> list[BestOfNRecord]:
     """One record per (arm index, prompt id) pair, in the order given: each arm's prompts in one
     :func:`run_arm_many` call (arms in order of first appearance), the generator of a pair
     :func:`pair_generator`, so a pair's record does not depend on the other pairs.
@@ -206,7 +207,7 @@ def run_pairs(sampler: PrelogitSampler, reward: RewardModel, arms: Sequence[Samp
     by_arm: dict[int, list[str]] = {}
     for i, pid in dict.fromkeys(pairs):  # a repeated pair runs once
         by_arm.setdefault(i, []).append(pid)
-    got: dict[tuple[int, str], dict] = {}
+    got: dict[tuple[int, str], BestOfNRecord] = {}
     for i, pids in by_arm.items():
         rows = [rows_by_id[p] for p in pids]
         recs = run_arm_many(sampler, reward, [r["prompt"] for r in rows], [r["text"] for r in rows], arms[i], N,

@@ -31,6 +31,7 @@ from .engine import prompt_generator, run_best_of_n_many
 from .gaussianity import collect_prelogits
 from .metrics import expected_best_of_n, paired_difference
 from .misvo import MISVOConfig
+from .records import BestOfNRecord
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 from .shard import run_sharded
@@ -47,11 +48,11 @@ def prelogit_rms(sampler: PrelogitSampler, prompts: Sequence[str], samples: int,
 
 
 def validation_best_of_n(sampler: PrelogitSampler, reward: RewardModel, rows: Sequence[dict], N: int,
-                         seed: int) -> tuple[list[dict], dict[str, float]]:
+                         seed: int) -> tuple[list[BestOfNRecord], dict[str, float]]:
     """Best-of-N on the validation ``rows``: the records (``prompt_id`` filled in) and, per prompt
     id, the unbiased estimate of best-of-N's reward from its N draws. Sharded by prompt."""
     rows = list(rows)
-    records = run_sharded(rows, lambda share: run_best_of_n_many(
+    records: list[BestOfNRecord] = run_sharded(rows, lambda share: run_best_of_n_many(
         sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], N,
         [prompt_generator(seed, p["id"]) for p in share]))
     for p, r in zip(rows, records):

@@ -43,6 +43,7 @@ from .engine import prompt_generator
 from .misvo import MISVOConfig, run_misvo_many
 from .checks import ParameterError, check_number
 from .params import ARM_KEYS, mapping_of
+from .records import SearchRecord
 from .rewards import RewardModel
 from .sampling import PrelogitSampler
 
@@ -391,7 +392,7 @@ def _lockstep_groups(configs: list[tuple[AISPConfig | MISVOConfig, str | None]],
 
 def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig | MISVOConfig, str | None]],
              prompt_rows: list[dict], pairs: list[tuple[int, str]], seed: int,
-             max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
+             max_prompts: int | None = None) -> dict[tuple[int, str], SearchRecord]:
     """AISP (or MISVO) for every (config index, prompt id) pair, batched across arms and prompts.
 
     Pairs are grouped by the fields one lockstep call must share (AISP: n, K, B, final_rollout and
@@ -427,11 +428,11 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
             raise ParameterError(f"prompt_rows has the id {row['id']!r} twice")
         rows[row["id"]] = row
     groups = _lockstep_groups(configs, pairs, rows)
-    out: dict[tuple[int, str], dict] = {}
+    out: dict[tuple[int, str], SearchRecord] = {}
     for key in sorted(groups):
         members = groups[key]
         # each group holds configs of one kind (key[0]), so the list below suits the function chosen
-        run: Callable[..., list[dict]] = run_aisp_many if key[0] == "aisp" else run_misvo_many
+        run: Callable[..., Sequence[SearchRecord]] = run_aisp_many if key[0] == "aisp" else run_misvo_many
         decode = None if key[-1] == "None" else key[-1]
         step = max_prompts or len(members)
         for start in range(0, len(members), step):
@@ -444,7 +445,7 @@ def run_arms(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[
 
 def run_pairs(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple[AISPConfig | MISVOConfig, str | None]],
               rows_by_id: dict[str, dict], pairs: Sequence[tuple[int, str]], seed: int,
-              max_prompts: int | None = None) -> dict[tuple[int, str], dict]:
+              max_prompts: int | None = None) -> dict[tuple[int, str], SearchRecord]:
     """:func:`run_arms` with the pairs shared out across processes under ``accelerate launch``.
 
     The (distinct) pairs are put in :func:`run_arms`' order (lockstep groups in sorted order), each
@@ -465,7 +466,7 @@ def run_pairs(sampler: PrelogitSampler, reward: RewardModel, configs: list[tuple
     groups = _lockstep_groups(configs, pairs, rows_by_id)
     ordered = [pair for key in sorted(groups) for pair in groups[key]]
 
-    def run(share: list[tuple[int, str]]) -> list[dict]:
+    def run(share: list[tuple[int, str]]) -> list[SearchRecord]:
         recs = run_arms(sampler, reward, configs, [rows_by_id[p] for p in dict.fromkeys(p for _, p in share)], share,
                         seed, max_prompts)
         return [recs[pair] for pair in share]
