@@ -5,6 +5,8 @@ two-process runs are in test_shard.py and test_pipeline.py. The GPU counts here 
 test_params.py, because this machine has no GPU.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -76,5 +78,6 @@ def test_command_passes_every_option_without_a_configuration():
 
 
 def test_only_generating_stages_are_sharded():
-    assert set(params.SHARDED_STAGES) == {"bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer", "replicate"}
-    assert not set(params.SHARDED_STAGES) & {"prepare", "theory", "figures"}
+    # a stage is sharded when dvc.yaml lists launch among its params (the wrapper reads it, the notebook does not)
+    sharded = {s for s, spec in params.stages(Path(__file__).resolve().parents[1]).items() if spec.sharded}
+    assert sharded == {"bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer", "replicate"}

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_paper_params_cover_every_section_and_validate():
     default, big = params.load(ROOT / "params.yaml"), params.load(ROOT / "params-paper.yaml")
     assert set(big) == set(default)
-    for stage in params.STAGES:
-        params.stage_parameters(stage, big)  # raises on any missing or out-of-range key
+    for stage in params.stages(ROOT):
+        params.stage_parameters(stage, big, ROOT)  # raises on any missing or out-of-range key
     assert big["generation"]["max_new_tokens"] == 128 and big["reward"]["kind"] == "hf"
 
 
@@ -47,8 +47,8 @@ def test_overrides_name_only_the_changed_keys():
 def test_gpu_params_validate_and_take_every_test_prompt_to_256():
     default, gpu = params.load(ROOT / "params.yaml"), params.load(ROOT / "params-gpu.yaml")
     merged = {**default, **gpu}
-    for stage in params.STAGES:
-        params.stage_parameters(stage, merged)
+    for stage in params.stages(ROOT):
+        params.stage_parameters(stage, merged, ROOT)
     assert gpu["model"]["device"] == "cuda"
     assert gpu["bon"]["large_prompts"] == gpu["bon"]["n_prompts"] == default["prepare"]["n_test"]
     assert gpu["aisp"]["large_prompts"] == gpu["aisp"]["lit_prompts"] == gpu["aisp"]["n_prompts"]
@@ -181,7 +181,7 @@ def test_paper_path_runs_end_to_end_with_two_processes(tmp_path, smollm_dir):
     used = yaml.safe_load((repo / "params.yaml").read_text())
     assert used["launch"] == {"launcher": "accelerate", "num_processes": 2, "config_file": None}
     assert used["model"]["name"] == str(tiny.parent / "lm") and used["reward"]["name"] == str(tiny.parent / "reward")
-    for stage in params.STAGES:
+    for stage in params.stages(ROOT):
         assert (repo / "results" / stage / f"{stage}.ipynb").exists(), stage
     prompts = [json.loads(line) for line in (repo / "results" / "prepare" / "prompts.jsonl").read_text().splitlines()]
     hh = [p for p in prompts if p["split"] != "qa"]  # the HH-RLHF dialogues; qa: the ChatterBot questions
@@ -190,7 +190,7 @@ def test_paper_path_runs_end_to_end_with_two_processes(tmp_path, smollm_dir):
     assert not (repo / "results" / ".staging").exists()
     # every generating stage ran as two accelerate processes
     seen = (repo.parent / "netguard-processes.log").read_text().splitlines()
-    for stage in params.SHARDED_STAGES:
+    for stage in (s for s, spec in params.stages(ROOT).items() if spec.sharded):
         assert len(_workers(seen, stage)) == 2, (stage, seen)
     # and DVC recorded the experiment under its name, on the commit it started from
     show = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, env=_env(repo))

@@ -16,37 +16,66 @@ PARAMS = params.load(ROOT / "params.yaml")
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
-@pytest.mark.parametrize("stage", sorted(params.STAGES))
+@pytest.mark.parametrize("stage", sorted(params.stages(ROOT)))
 def test_injected_keys_match_the_notebook_parameters_cell(stage):
-    injected = set(params.stage_parameters(stage, PARAMS))
+    injected = set(params.stage_parameters(stage, PARAMS, ROOT))
     declared = set(pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb")))
     assert injected == declared, {"not declared": injected - declared, "not injected": declared - injected}
 
 
-@pytest.mark.parametrize("stage", sorted(params.STAGES))
-def test_dvc_stage_tracks_the_sections_it_reads(stage):
-    spec = DVC["stages"][stage]
-    # a generating stage also tracks how it is launched: in float32 the sharding can move a result by rounding
-    launch = ["launch"] if stage in params.SHARDED_STAGES else []
-    assert spec["params"] == params.STAGES[stage]["sections"] + launch
-    assert spec["cmd"] == f"python -m prelogit.stage {stage}"
-    # the code deps (notebook, stage wrapper, every module imported) are tests/test_dvc_graph.py's
-    for path in params.STAGES[stage]["paths"].values():
-        if Path(path).suffix:
-            assert path in spec["deps"], f"{stage} reads {path} but does not list it as a dep"
-
-
-def test_every_notebook_stage_has_a_schema():
-    # the other stages run a script (the frozen sampling benchmark) and have no parameters to check
+def test_stages_are_dvc_yamls_notebook_stages():
+    # the other stages run a script (the frozen benchmarks) and have no parameters to check
     notebook_stages = {s for s, spec in DVC["stages"].items() if spec["cmd"].startswith("python -m prelogit.stage ")}
-    assert notebook_stages == set(params.STAGES)
+    assert set(params.stages(ROOT)) == notebook_stages
+    aisp = params.stages(ROOT)["aisp"]
+    assert aisp.sections == ("aisp", "model", "generation", "reward") and aisp.sharded
+    assert aisp.paths == {"prompts_path": "results/prepare/prompts.jsonl",
+                          "reward_head_path": "results/prepare/reward_head.safetensors",
+                          "tuned_path": "results/tune/selected.json"}
+    assert aisp.results_dir == "results/aisp"
+    assert params.stages(ROOT)["figures"].paths["bon_dir"] == "results/bon"
+
+
+def _edit(stage, change):
+    def edit(dvc):
+        change(dvc["stages"][stage])
+        return dvc
+    return edit
+
+
+BAD_DECLARATIONS = [
+    (_edit("aisp", lambda s: s["meta"]["paths"].update(tuned_path="results/tune/search.json")),
+     "stage aisp: meta.paths.tuned_path = results/tune/search.json is not among its deps"),
+    (_edit("figures", lambda s: s["meta"]["paths"].update(extra_dir="results/nowhere")),
+     "stage figures: meta.paths.extra_dir = results/nowhere is not among its deps"),
+    (_edit("bon", lambda s: s["params"].reverse()), "stage bon lists params ['launch', 'reward', 'generation', "
+     "'model', 'bon']: list the stage's own section (bon) first"),
+    (_edit("theory", lambda s: s["params"].append("thoery")), "list the stage's own section (theory) first"),
+    (_edit("args", lambda s: s.update(cmd="python -m prelogit.stage bon")),
+     "stage args runs 'python -m prelogit.stage bon'; its cmd must be 'python -m prelogit.stage args'"),
+    (_edit("tune", lambda s: s["outs"].append("results/aisp/extra.json")), "its outputs must share one results folder"),
+    (lambda dvc: ["not", "a", "mapping"], "must hold a mapping of stages under 'stages:'"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_DECLARATIONS)
+def test_a_stage_declared_wrongly_in_dvc_yaml_is_refused(tmp_path, edit, message):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(edit(yaml.safe_load((ROOT / "dvc.yaml").read_text()))))
+    with pytest.raises(ParameterError) as err:
+        params.stage_parameters("aisp", PARAMS, tmp_path)
+    assert message in str(err.value)
+
+
+def test_no_dvc_yaml_names_the_fix(tmp_path):
+    with pytest.raises(ParameterError, match="no dvc.yaml in .* or above: run from inside the prelogit repository"):
+        params.stages(tmp_path)
 
 
 def test_shared_sections_have_the_same_smoke_values_in_every_notebook():
     seen = {}
-    for stage, spec in params.STAGES.items():
+    for stage, spec in params.stages(ROOT).items():
         nb = pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb"))
-        for section in spec["sections"][1:]:
+        for section in spec.sections[1:]:
             for key in params.SCHEMA[section]:
                 value = nb[f"{section}_{key}"]["default"]
                 assert seen.setdefault((section, key), value) == value, (stage, section, key)

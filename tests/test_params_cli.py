@@ -2,12 +2,13 @@
 key, no traceback, and results/STAGE left exactly as it was. One passing case per stage.
 
 Each case runs the command itself in a temporary folder holding a copy of the repository's
-params.yaml (counts lowered to fit a small synthetic prompts file) and a previous
-results/STAGE/params.yaml.
+params.yaml (counts lowered to fit a small synthetic prompts file), the repository's dvc.yaml (which
+declares each stage's sections and paths) and a previous results/STAGE/params.yaml.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,7 +223,7 @@ CASES = [
     pytest.param("bon", both(ACCELERATE, put("model.device", "cuda")), "model.device = 'cuda' but no CUDA GPU is "
                  "visible", marks=NO_GPU),
     # valid: one per stage (an hf reward folder with a config.json passes the params step)
-    *[(stage, None, None) for stage in params.STAGES],
+    *[(stage, None, None) for stage in params.stages(ROOT)],
     ("bon", both(HF, folder("reward.name", with_config=True)), None),
     ("tune", ACCELERATE, None),  # two CPU processes need no accelerate configuration
     ("theory", put("launch.num_processes", 2), None),  # theory is never sharded: it does not read launch
@@ -248,6 +249,7 @@ def test_params_cli(tmp_path, stage, mutate, expected):
     raw = mutate(p, tmp_path) if mutate else None
     if raw is not NO_FILE:
         (tmp_path / "params.yaml").write_text(raw if isinstance(raw, str) else yaml.safe_dump(p))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)  # the stages' sections and paths
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "prelogit.preflight", stage, "--params", "params.yaml"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
@@ -255,7 +257,7 @@ def test_params_cli(tmp_path, stage, mutate, expected):
     assert sorted(out.parent.iterdir()) == before  # nothing added, no temporary file left behind
     if expected is None:
         assert proc.returncode == 0, proc.stderr
-        assert yaml.safe_load(out.read_text()) == params.stage_parameters(stage, p)
+        assert yaml.safe_load(out.read_text()) == params.stage_parameters(stage, p, ROOT)
         return
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr

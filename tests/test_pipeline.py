@@ -39,10 +39,10 @@ pytestmark = pytest.mark.pipeline
 def smoke_params() -> dict:
     """params.yaml rebuilt from the notebooks' parameters cells (the smoke configuration)."""
     out: dict = {}
-    owned = {spec["sections"][0] for spec in params.STAGES.values()}
-    for stage, spec in params.STAGES.items():
+    owned = {spec.sections[0] for spec in params.stages(ROOT).values()}
+    for stage, spec in params.stages(ROOT).items():
         nb = pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb"))
-        for i, section in enumerate(spec["sections"]):
+        for i, section in enumerate(spec.sections):
             if i > 0 and section in owned:  # a stage's own section takes its own notebook's smoke values (the replicate
                 continue                    # notebook reads the tune section too, with a smaller smoke search for nbval)
             for key in params.SCHEMA[section]:
@@ -117,7 +117,7 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_runs_every_stage_and_then_has_nothing_to_do(repo):
     first = _dvc(repo, "repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in params.STAGES:
+    for stage in params.stages(ROOT):
         assert f"Running stage '{stage}'" in first.stdout
         executed = repo / "results" / stage / f"{stage}.ipynb"
         assert executed.exists()
@@ -356,7 +356,7 @@ def test_metrics_and_a_one_parameter_experiment_fit_a_terminal(repo):
         run = _dvc(repo, "exp", "run", "-S", f"figures.n_boot={n_boot}")
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert "Running stage 'figures'" in run.stdout
-        assert sum(f"Running stage '{s}'" in run.stdout for s in params.STAGES) == 1, run.stdout  # figures only
+        assert sum(f"Running stage '{s}'" in run.stdout for s in params.stages(ROOT)) == 1, run.stdout  # figures only
     show = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo, capture_output=True,
                           text=True, env={**_env(repo), "COLUMNS": "400"})  # as wide as the table wants
     assert show.returncode == 0, show.stderr

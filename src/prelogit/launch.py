@@ -1,7 +1,8 @@
 """How a generating stage is started: one plain process, or ``accelerate launch`` with P processes.
 
-params.yaml's ``launch`` section selects it for the stages in :data:`prelogit.params.SHARDED_STAGES`
-(bon, tune, samplers, aisp, misvo, args, recontrol)::
+params.yaml's ``launch`` section selects it for the stages that list ``launch`` among their params in
+dvc.yaml (:attr:`prelogit.params.Stage.sharded`: bon, tune, samplers, aisp, misvo, args, recontrol,
+transfer, replicate)::
 
     launch:
       launcher: python        # python | accelerate

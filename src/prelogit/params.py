@@ -2,12 +2,13 @@
 
 :data:`SCHEMA` checks every key of every section (presence, type, range) and
 :func:`check_across_sections` the keys that constrain one another; an error names the key and the
-fix. :data:`STAGES` says which sections each stage reads and which paths it is handed;
-:func:`stage_parameters` turns them into the flat dictionary papermill injects into
+fix. :func:`stages` reads from ``dvc.yaml`` which sections each stage reads (its DVC ``params``) and
+which paths it is handed (its ``meta.paths``, each one of its deps), so nothing about a stage is declared
+twice; :func:`stage_parameters` turns them into the flat dictionary papermill injects into
 ``notebooks/STAGE.ipynb``, exactly matching its ``parameters`` cell: the stage's own section bare
 (``sigma``), shared sections prefixed (``model_name``), plus the paths the stage reads and writes.
-DVC lists the same sections under the stage's ``params``, so a changed ``aisp.sigma`` re-runs aisp
-and figures and nothing else. A notebook re-checks what it was given with :func:`check_notebook`.
+DVC tracks those same sections, so a changed ``aisp.sigma`` re-runs aisp and figures and nothing else.
+A notebook re-checks what it was given with :func:`check_notebook`.
 
 What a stage checks before it starts beyond the values (this machine, the earlier stages' files, how
 it is launched) and the command line that writes the injected file live in :mod:`prelogit.preflight`,
@@ -16,6 +17,7 @@ which imports this module; this one imports neither it nor :mod:`prelogit.launch
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -394,54 +396,91 @@ class Figures(Section, section='figures'):
 #: The checks of every key of every section, derived from the section classes.
 SCHEMA: dict[str, dict[str, Check]] = {name: cls.checks() for name, cls in SECTIONS.items()}
 
-#: Sections each stage reads (its own first) and the fixed paths it reads and writes.
-STAGES: dict[str, dict[str, Any]] = {
-    "prepare": {"sections": ["prepare", "model"], "paths": {}},
-    "bon": {"sections": ["bon", "model", "generation", "reward"],
-            "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                      "reward_head_path": "results/prepare/reward_head.safetensors"}},
-    "tune": {"sections": ["tune", "model", "generation", "reward"],
-             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                       "reward_head_path": "results/prepare/reward_head.safetensors"}},
-    "aisp": {"sections": ["aisp", "model", "generation", "reward"],
-             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                       "reward_head_path": "results/prepare/reward_head.safetensors",
-                       "tuned_path": "results/tune/selected.json"}},
-    "samplers": {"sections": ["samplers", "model", "generation", "reward"],
-                 "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                           "reward_head_path": "results/prepare/reward_head.safetensors",
-                           "tuned_path": "results/tune/selected.json"}},
-    "misvo": {"sections": ["misvo", "model", "generation", "reward"],
-              "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                        "reward_head_path": "results/prepare/reward_head.safetensors",
-                        "val_bon_path": "results/tune/bon.jsonl"}},
-    "theory": {"sections": ["theory", "model"], "paths": {"prompts_path": "results/prepare/prompts.jsonl"}},
-    "args": {"sections": ["args", "model", "generation", "reward"],
-             "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                       "reward_head_path": "results/prepare/reward_head.safetensors"}},
-    "recontrol": {"sections": ["recontrol", "model", "generation", "reward"],
-                  "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                            "reward_head_path": "results/prepare/reward_head.safetensors"}},
-    "transfer": {"sections": ["transfer", "model", "generation", "reward"],
-                 "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                           "reward_head_path": "results/prepare/reward_head.safetensors",
-                           "tuned_path": "results/tune/selected.json"}},
-    "replicate": {"sections": ["replicate", "tune", "model", "generation", "reward"],
-                  "paths": {"prompts_path": "results/prepare/prompts.jsonl",
-                            "reward_head_path": "results/prepare/reward_head.safetensors",
-                            "sampler_path": "results/samplers/selected.json"}},
-    "figures": {"sections": ["figures"],
-                "paths": {"prepare_dir": "results/prepare", "bon_dir": "results/bon", "aisp_dir": "results/aisp",
-                          "tune_dir": "results/tune", "misvo_dir": "results/misvo",
-                          "theory_dir": "results/theory", "args_dir": "results/args", "recontrol_dir": "results/recontrol",
-                          "samplers_dir": "results/samplers", "transfer_dir": "results/transfer",
-                          "replicate_dir": "results/replicate"}},
-}
+#: The file that declares the pipeline, in the project's root. Each notebook stage's sections, the files it
+#: reads and its outputs are written there once, and :func:`stages` reads them from it.
+PIPELINE_FILE = "dvc.yaml"
 
 
-#: The stages that generate per prompt and can share their prompts out across processes
-#: (``launch`` section, :mod:`prelogit.shard`); the others always run as one plain process.
-SHARDED_STAGES = ("bon", "tune", "samplers", "aisp", "misvo", "args", "recontrol", "transfer", "replicate")
+@dataclass(frozen=True)
+class Stage:
+    """A notebook stage as ``dvc.yaml`` declares it (``cmd: python -m prelogit.stage NAME``).
+
+    ``sections``: the params.yaml sections the notebook receives, its own first: the stage's DVC
+    ``params`` without ``launch``, which only the stage wrapper reads. ``paths``: the notebook
+    parameter naming each earlier stage's file or results folder it reads, from the stage's
+    ``meta.paths`` (DVC ignores ``meta``; :func:`stages` checks each file is a dep and each folder
+    holds one). ``results_dir``: the one folder holding every output. ``sharded``: whether it reads
+    ``launch``, i.e. can share its prompts out across processes (:mod:`prelogit.shard`).
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    paths: dict[str, str]
+    results_dir: str
+    sharded: bool
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory) holding ``dvc.yaml``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PIPELINE_FILE).exists():
+            return folder
+    raise ParameterError(f"no {PIPELINE_FILE} in {here} or above: run from inside the prelogit repository, "
+                         "whose dvc.yaml declares each stage's sections and paths")
+
+
+def stages(root: str | Path | None = None) -> dict[str, Stage]:
+    """The notebook stages of the project at ``root`` (default: :func:`project_root`), in dvc.yaml's order."""
+    path = project_root(root) / PIPELINE_FILE
+    return _read_stages(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_stages(path: str, mtime_ns: int) -> dict[str, Stage]:
+    """Parse and check ``path``; ``mtime_ns`` is part of the cache key, so an edited dvc.yaml is read again."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ParameterError(f"{path} is not valid YAML: {err}") from err
+    declared = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(declared, dict):
+        raise ParameterError(f"{path} must hold a mapping of stages under 'stages:'")
+    out: dict[str, Stage] = {}
+    for name, spec in declared.items():
+        if not str(spec.get("cmd", "")).startswith("python -m prelogit.stage "):
+            continue  # a script stage (the frozen benchmarks): no sections, nothing injected
+        out[name] = _stage(path, name, spec)
+    return out
+
+
+def _entries(spec: dict, field_name: str) -> list[str]:
+    """The paths a dvc.yaml stage lists under ``field_name`` (plain strings or one-key mappings)."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in spec.get(field_name) or []]
+
+
+def _stage(path: str, name: str, spec: dict) -> Stage:
+    where = f"{path}: stage {name}"
+    if spec["cmd"] != f"python -m prelogit.stage {name}":
+        raise ParameterError(f"{where} runs {spec['cmd']!r}; its cmd must be 'python -m prelogit.stage {name}'")
+    listed = _entries(spec, "params")
+    sections = tuple(s for s in listed if s != "launch")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections or sections[0] != name:
+        raise ParameterError(f"{where} lists params {listed}: list the stage's own section ({name}) first, then the "
+                             f"params.yaml sections its notebook reads, out of {', '.join(SECTIONS)}")
+    deps = _entries(spec, "deps")
+    paths = dict((spec.get("meta") or {}).get("paths") or {})
+    for parameter, target in paths.items():
+        is_file = bool(Path(target).suffix)
+        if (target not in deps) if is_file else not any(d.startswith(f"{target}/") for d in deps):
+            raise ParameterError(f"{where}: meta.paths.{parameter} = {target} is not among its deps; add "
+                                 f"{'it' if is_file else 'the files it reads from that folder'} to the stage's deps")
+    folders = {str(Path(p).parent) for f in ("outs", "metrics", "plots") for p in _entries(spec, f)}
+    if len(folders) != 1:
+        raise ParameterError(f"{where} writes into {sorted(folders) or 'no folder'}: its outputs must share one "
+                             "results folder")
+    return Stage(name, sections, paths, folders.pop(), "launch" in listed)
 
 
 def load(path: str | Path = "params.yaml") -> dict:
@@ -542,19 +581,21 @@ def _cross_checks(section: str, v: dict) -> None:
         raise ParameterError("reward.name must name a sequence-classification reward model when reward.kind is hf")
 
 
-def stage_parameters(stage: str, params: dict) -> dict:
-    """The flat parameters papermill injects into ``notebooks/STAGE.ipynb``."""
-    if stage not in STAGES:
-        raise ParameterError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
-    spec = STAGES[stage]
+def stage_parameters(stage: str, params: dict, root: str | Path | None = None) -> dict:
+    """The flat parameters papermill injects into ``notebooks/STAGE.ipynb``: the stage's sections
+    (:class:`Stage`, from the dvc.yaml of the project at ``root``), its paths and its results folder."""
+    known = stages(root)
+    if stage not in known:
+        raise ParameterError(f"unknown stage {stage!r}; one of {', '.join(known)}")
+    spec = known[stage]
     out: dict[str, Any] = {}
-    for i, section in enumerate(spec["sections"]):
+    for i, section in enumerate(spec.sections):
         values = validate_section(params, section)
         for key, value in values.items():
             out[key if i == 0 else f"{section}_{key}"] = value
     check_across_sections(stage, params)
-    out.update(spec["paths"])
-    out["results_dir"] = f"results/{stage}"
+    out.update(spec.paths)
+    out["results_dir"] = spec.results_dir
     return out
 
 
@@ -642,17 +683,14 @@ def check_across_sections(stage: str, params: dict) -> None:
 
 
 def enter_project_root() -> Path:
-    """chdir to the folder holding ``dvc.yaml`` (searching upwards) and return it.
+    """chdir to the folder holding ``dvc.yaml`` (:func:`project_root`) and return it.
 
     Notebooks use paths relative to the repository root; JupyterLab and nbval start the kernel in
     ``notebooks/``, papermill (``--cwd .``) in the root. This makes all three agree.
     """
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists():
-            os.chdir(folder)
-            return folder
-    raise FileNotFoundError(f"no dvc.yaml in {here} or above; open the notebook inside the prelogit repository")
+    root = project_root()
+    os.chdir(root)
+    return root
 
 
 def check_notebook(stage: str, namespace: dict) -> dict:
@@ -661,9 +699,8 @@ def check_notebook(stage: str, namespace: dict) -> dict:
     Papermill injects values after the ``parameters`` cell, so this sees what the run will use,
     smoke configuration included, and stops it with a message naming the parameter.
     """
-    spec = STAGES[stage]
     nested: dict[str, dict] = {}
-    for i, section in enumerate(spec["sections"]):
+    for i, section in enumerate(stages()[stage].sections):
         nested[section] = {}
         for key in SCHEMA[section]:
             name = key if i == 0 else f"{section}_{key}"

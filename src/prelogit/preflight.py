@@ -58,24 +58,24 @@ def check_environment(stage: str, params: dict, root: str | Path = ".") -> None:
     the local cache), and that the prepared prompts file (relative to ``root``) holds as many
     prompts of each split as the stage asks for.
     """
-    spec = P.STAGES[stage]
+    spec = P.stages(root)[stage]
     counts = P.prompt_counts(stage, params)
     if counts:
-        path = spec["paths"]["prompts_path"]
+        path = spec.paths["prompts_path"]
         have = count_prompts(Path(root) / path)
         for key, want, split in counts:
             if want > have[split]:
                 raise ParameterError(f"{key} = {want} but {path} has {have[split]} {split} prompts; lower {key} or "
                                      f"raise prepare.n_{split} and re-run prepare")
     try:
-        if "model" in spec["sections"]:
+        if "model" in spec.sections:
             check_model_source(params["model"]["name"], "model.name")
-        if "reward" in spec["sections"] and params["reward"]["kind"] == "hf":
+        if "reward" in spec.sections and params["reward"]["kind"] == "hf":
             check_model_source(params["reward"]["name"], "reward.name", embedded=False,
                                instead="reward.kind: embedded for the packaged reward")
     except ModelNotFoundError as err:
         raise ParameterError(str(err)) from err
-    if "model" in spec["sections"]:
+    if "model" in spec.sections:
         check_device("model.device", params["model"]["device"], available=True)
 
 
@@ -84,9 +84,9 @@ def check_stage(stage: str, params: dict, root: str | Path = ".") -> dict:
     :func:`check_environment` (this machine, earlier stages) and, for a generating stage, how it is
     launched (:func:`prelogit.launch.check`). Returns the flat parameters;
     raises :class:`ParameterError` only."""
-    flat = P.stage_parameters(stage, params)
+    flat = P.stage_parameters(stage, params, root)
     check_environment(stage, params, root)
-    if stage in P.SHARDED_STAGES:  # how it is started: the launch section, accelerate's configuration, the GPUs
+    if P.stages(root)[stage].sharded:  # how it is started: the launch section, accelerate's configuration, the GPUs
         launch.check(params)
     return flat
 
@@ -95,7 +95,12 @@ def check_stage(stage: str, params: dict, root: str | Path = ".") -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m prelogit.preflight STAGE [--params params.yaml] [--out PATH]``; 2 on a bad value."""
     ap = argparse.ArgumentParser(description="Validate params.yaml for a stage and write its papermill parameters")
-    ap.add_argument("stage", choices=sorted(P.STAGES))
+    try:
+        known = sorted(P.stages())
+    except ParameterError as err:  # no dvc.yaml here or above, or a malformed one
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ap.add_argument("stage", choices=known)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=None, help="default: results/STAGE/params.yaml")
     args = ap.parse_args(argv)

@@ -300,7 +300,7 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", worker: bool 
         all_params = params.load(params_path)
         flat = preflight.check_stage(stage, all_params)
         # check_stage has checked the launch section of a generating stage (prelogit.launch.check)
-        launch = all_params["launch"] if stage in params.SHARDED_STAGES else {"launcher": "python"}
+        launch = all_params["launch"] if params.stages()[stage].sharded else {"launcher": "python"}
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -341,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m prelogit.stage STAGE [--params params.yaml]`` or ``--recover [STAGE]``."""
     ap = argparse.ArgumentParser(description="Run one pipeline stage: validate params, execute its notebook "
                                              "in results/.staging/STAGE, then move the outputs into results/STAGE")
-    ap.add_argument("stage", nargs="?", choices=sorted(params.STAGES))
+    try:
+        known = sorted(params.stages())
+    except ParameterError as err:  # no dvc.yaml here or above, or a malformed one
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    ap.add_argument("stage", nargs="?", choices=known)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--worker", action="store_true",
                     help="internal: one of the processes accelerate launch starts (execute, do not publish)")
