@@ -54,3 +54,29 @@ def test_scrub_merges_a_cells_consecutive_stream_outputs(tmp_path):
     scrub(path)
     outputs = nbformat.read(str(path), as_version=4).cells[0].outputs
     assert [(o["name"], o["text"]) for o in outputs] == [("stdout", "a\nb\n"), ("stderr", "warning\n"), ("stdout", "c\n")]
+
+
+def test_scrub_drops_progress_bar_widgets(tmp_path):
+    """A cold model cache draws the GGUF conversion's progress bar, a warm one does not: scrubbed, both
+    runs give the same notebook (the widget's own id is random, too)."""
+    import nbformat
+
+    from prelogit.nbtools import WIDGET_VIEW, scrub
+
+    def executed(cold: bool):
+        cell = nbformat.v4.new_code_cell("model = load_model()", id="load")
+        bar = nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "ce26", "version_major": 2,
+                                                                         "version_minor": 0},
+                                                           "text/plain": "Converting ...:   0%|  | 0/272"})
+        cell.outputs = ([bar] if cold else []) + [nbformat.v4.new_output("stream", name="stdout", text="loaded\n")]
+        nb = nbformat.v4.new_notebook(cells=[cell])
+        if cold:
+            nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"ce26": {}}}}
+        path = tmp_path / f"{cold}.ipynb"
+        nbformat.write(nb, str(path))
+        scrub(path)
+        return path.read_bytes()
+
+    cold = executed(True)
+    assert cold == executed(False)
+    assert b"widget" not in cold and b"loaded" in cold

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,15 @@ import yaml
 from prelogit import stage
 from prelogit.io import is_timing_key, strip_timing
 
+ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"figures": {"n_boot": 200, "ci_level": 0.9, "seed": 0, "power": 0.8, "verdict_N": 32, "margin_sd": 0.2}}
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A folder with params.yaml, notebooks/figures.ipynb (writes out.txt) and previous results."""
+    """A folder with dvc.yaml (the repository's: it declares the stages), params.yaml,
+    notebooks/figures.ipynb (writes out.txt) and previous results."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(FIGURES))
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "results" / "figures").mkdir(parents=True)
@@ -115,6 +119,7 @@ def publication(request, tmp_path, monkeypatch) -> Path:
     Returns the staged folder (relative to the project root, the working directory).
     """
     monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)  # the stage command reads the stages from it
     _write(tmp_path / "results" / "figures", OLD)
     (tmp_path / "results" / "figures" / TEMP).write_text("half")
     staged = Path("results/.staging") / request.param

@@ -1,7 +1,7 @@
 """Executed notebooks are pipeline outputs; this strips what changes on every run for no reason.
 
-Papermill stamps each cell and the notebook with start/end times and durations; those would make
-every re-run a diff. ``python -m prelogit.nbtools PATH...`` removes them in place (atomically).
+Papermill stamps each cell and the notebook with start/end times and durations, and a progress bar
+shown as a Jupyter widget carries a random id; those would make every re-run a diff. ``python -m prelogit.nbtools PATH...`` removes them in place (atomically).
 :func:`relocate` rewrites the staging folder a stage ran in (``prelogit.stage``) to the folder its
 outputs were moved to, so the committed notebook names where its files are.
 """
@@ -16,19 +16,28 @@ import nbformat
 from .io import atomic_path, save_figure
 
 
+#: The MIME type of a Jupyter widget's output (what tqdm.auto shows in a notebook).
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
 def scrub(path: str | Path) -> None:
     """Remove papermill's timestamps and durations (notebook and cells) and execution timing.
 
-    The injected parameters cell also gets a fixed id instead of papermill's random one, and each
-    cell's consecutive outputs of one stream are merged (where the kernel split them is timing).
+    The injected parameters cell also gets a fixed id instead of papermill's random one, each
+    cell's consecutive outputs of one stream are merged (where the kernel split them is timing), and
+    Jupyter widget outputs are dropped with the notebook's widget state. The only widgets a stage
+    shows are tqdm progress bars, and whether one appears is the machine's state, not the run's:
+    transformers' GGUF conversion draws one when the embedded model is converted on first use (a cold
+    model cache) and none when it is found converted. Each widget also carries a random model id.
     """
     nb = nbformat.read(path, as_version=4)
     pm = nb.metadata.get("papermill", {})
     for key in ("start_time", "end_time", "duration", "environment_variables"):
         pm.pop(key, None)
+    nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            cell.outputs = _coalesce_streams(cell.outputs)
+            cell.outputs = _coalesce_streams([o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})])
         cpm = cell.metadata.get("papermill", {})
         for key in ("start_time", "end_time", "duration"):
             cpm.pop(key, None)
