@@ -88,7 +88,7 @@ def frozen_twin(cfg: AISPConfig) -> AISPConfig:
 SHARED_FIELDS = ("n", "K", "B", "final_rollout")
 
 
-def per_prompt_configs(cfg, P: int, cls: type = AISPConfig, shared: Sequence[str] = SHARED_FIELDS,
+def per_prompt_configs(cfg: object, P: int, cls: type = AISPConfig, shared: Sequence[str] = SHARED_FIELDS,
                        caller: str = "run_aisp_many") -> list:
     """One config per prompt from ``cfg``: one ``cls`` instance for all prompts, or a list of P of
     them that agree on the ``shared`` fields (the lockstep iterations of ``caller`` need them equal).

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ def _base_log_probs(sampler: PrelogitSampler, logits: torch.Tensor, tokens: torc
 
 
 def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequence[int] | torch.Tensor],
-                       user_texts: Sequence[str], reward, k: int = 10, w: float = 1.0, max_new_tokens: int | None = None,
+                       user_texts: Sequence[str], reward: Any, k: int = 10, w: float = 1.0, max_new_tokens: int | None = None,
                        decode: str = "greedy", generators: Sequence[torch.Generator | None] | None = None,
                        temperature: float = 1.0) -> list[ArgsResult]:
     """ARGS on several prompts at once: one row per prompt in the sampler's batched loop.
@@ -188,8 +189,8 @@ def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequenc
     return out
 
 
-def args_generate(model, tokenizer, prompt_ids_or_text: str | Sequence[int] | torch.Tensor, user_text: str, reward,
-                  k: int = 10, w: float = 1.0, max_new_tokens: int = 24, decode: str = "greedy",
+def args_generate(model: Any, tokenizer: Any, prompt_ids_or_text: str | Sequence[int] | torch.Tensor, user_text: str,
+                  reward: Any, k: int = 10, w: float = 1.0, max_new_tokens: int = 24, decode: str = "greedy",
                   generator: torch.Generator | None = None, temperature: float = 1.0) -> ArgsResult:
     """Generate one response with ARGS (:func:`args_generate_many` with a single prompt).
 

@@ -225,11 +225,11 @@ def split_prompts(prompts: Sequence[Any], n_train: int, n_val: int, n_test: int,
 # Chat templating
 # ---------------------------------------------------------------------------------------------
 
-def _has_template(tokenizer) -> bool:
+def _has_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def dialogue_prompt(tokenizer, dialogue: Sequence[dict[str, str]], system: str | None = None) -> str:
+def dialogue_prompt(tokenizer: Any, dialogue: Sequence[dict[str, str]], system: str | None = None) -> str:
     """Render a dialogue (``{"role", "content"}`` turns ending with a user turn) for generation.
 
     Uses the tokenizer's chat template with ``add_generation_prompt=True``; a tokenizer without
@@ -258,12 +258,12 @@ def dialogue_prompt(tokenizer, dialogue: Sequence[dict[str, str]], system: str |
     return "\n\n".join(parts) + "\n\nAssistant:"
 
 
-def chat_prompt(tokenizer, user_text: str, system: str | None = None) -> str:
+def chat_prompt(tokenizer: Any, user_text: str, system: str | None = None) -> str:
     """Render one user turn for generation (chat template, or ``"Human: ...\\n\\nAssistant:"``)."""
     return dialogue_prompt(tokenizer, [{"role": "user", "content": user_text}], system=system)
 
 
-def filter_by_length(items: Sequence[Any], tokenizer, max_prompt_tokens: int, system: str | None = None) -> list:
+def filter_by_length(items: Sequence[Any], tokenizer: Any, max_prompt_tokens: int, system: str | None = None) -> list:
     """Keep the items whose rendered prompt has at most ``max_prompt_tokens`` tokens.
 
     Items are loader dicts (with ``"dialogue"``) or plain user-turn strings; the length counted is

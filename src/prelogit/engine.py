@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ def check_prompt_lists(prompts: Sequence[str], user_texts: Sequence[str], genera
                              f"{len(user_texts)} user texts, {len(generators)} generators")
 
 
-def generate(sampler: PrelogitSampler, pre: Prefill, counts: list[int], meters: list[CostMeter], **kwargs) -> list[Generation]:
+def generate(sampler: PrelogitSampler, pre: Prefill, counts: list[int], meters: list[CostMeter],
+             **kwargs: Any) -> list[Generation]:
     """One sampler call for all prompts; its wall-clock is shared out by generated tokens."""
     t0 = time.perf_counter()
     gens = sampler.generate_many(pre, counts, **kwargs)

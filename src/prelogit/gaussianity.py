@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ FALLBACK_OPENERS = (
 )
 
 
-def load_prompts(prompts_path: str | Path, tokenizer, n: int, split: str = "train") -> tuple[list[str], str]:
+def load_prompts(prompts_path: str | Path, tokenizer: Any, n: int, split: str = "train") -> tuple[list[str], str]:
     """Chat-templated prompts for collecting pre-logits, and a line saying where they came from.
 
     Reads the first n prompts of ``split`` from the prepare stage's JSONL file (keys ``split`` and
@@ -81,7 +82,7 @@ class Prelogits:
         return int(torch.unique(self.prompt * (int(self.sample.max()) + 1) + self.sample).numel())
 
 
-def collect_prelogits(sampler, prompts: list[str], n_samples: int, generator: torch.Generator,
+def collect_prelogits(sampler: Any, prompts: list[str], n_samples: int, generator: torch.Generator,
                       max_new_tokens: int | None = None, progress: bool = True) -> Prelogits:
     """Sample n_samples responses per prompt with ``sampler`` (a :class:`prelogit.sampling.PrelogitSampler`)
     and keep the unperturbed pre-logits z_t of every real generated token (EOS included).

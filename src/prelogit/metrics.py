@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ def expected_best_of_n(rewards: torch.Tensor, N: int, values: torch.Tensor | Non
 
 # ---- confidence intervals over prompts ---------------------------------------------------------
 
-def _as_1d(name: str, x) -> np.ndarray:
+def _as_1d(name: str, x: object) -> np.ndarray:
     a = np.asarray(torch.as_tensor(x, dtype=torch.float64))
     if a.ndim != 1 or a.size == 0:
         raise ParameterError(f"{name} must have shape (P,) with P >= 1 prompts, got shape {a.shape}")
@@ -173,7 +173,7 @@ def _bootstrap_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return x[idx].mean(axis=1)
 
 
-def bootstrap_ci(x, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(x: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Mean of per-prompt values and its percentile-bootstrap confidence interval.
 
     Args:
@@ -213,7 +213,7 @@ class PairedDifference:
         return asdict(self)
 
 
-def paired_difference(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> PairedDifference:
+def paired_difference(a: Any, b: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> PairedDifference:
     """Per-prompt difference a - b with its bootstrap CI and the share of prompts where a > b.
 
     a, b: (P,) per-prompt values of two methods on the same prompts, in the same order.
@@ -265,7 +265,7 @@ class CostMeter:
         finally:
             self.time_reward_s += time.perf_counter() - t0
 
-    def add_generation(self, gen) -> None:
+    def add_generation(self, gen: Any) -> None:
         """Count a :class:`prelogit.sampling.Generation` (forward calls, tokens, responses)."""
         self.forward_calls += int(gen.forward_calls)
         self.new_tokens += int(gen.new_tokens)
@@ -276,14 +276,14 @@ class CostMeter:
         self.reward_calls += int(n_texts)
         self.reward_batches += 1
 
-    def score(self, reward, user_text: str, texts: list[str]) -> torch.Tensor:
+    def score(self, reward: Any, user_text: str, texts: list[str]) -> torch.Tensor:
         """``reward.score`` of ``texts`` as replies to ``user_text``: timed, counted and checked.
 
         Returns (len(texts),) float32 (see :func:`prelogit.rewards.check_scores`).
         """
         return self.score_pairs(reward, [user_text] * len(texts), texts)
 
-    def score_pairs(self, reward, user_texts: list[str], texts: list[str]) -> torch.Tensor:
+    def score_pairs(self, reward: Any, user_texts: list[str], texts: list[str]) -> torch.Tensor:
         """One ``reward.score`` call on (user text, response) pairs: timed, counted and checked."""
         with self.reward():
             scores = reward.score(list(user_texts), list(texts))

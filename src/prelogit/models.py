@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,7 +92,7 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None,
 
 def load_model(name_or_path: str = EMBEDDED, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-               device_map: str | None = None):
+               device_map: str | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, ready for batched generation.
 
     Args:
@@ -160,6 +161,6 @@ def device_map_argument(device_map: str | None, device: str) -> str | dict[str, 
     return "auto" if device.startswith("cuda") else {"": device}
 
 
-def prelogit_dim(model) -> int:
+def prelogit_dim(model: Any) -> int:
     """d, the dimension of the pre-logit (the LM head's input)."""
     return model.get_output_embeddings().weight.shape[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -80,7 +81,7 @@ def relocate(path: str | Path, old: str, new: str) -> None:
         tmp.write_text(text.replace(old, new))
 
 
-def show_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+def show_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save ``fig`` as the PNG ``path`` and display that very file in the notebook.
 
     The executed notebook then carries the saved bytes as its ``image/png`` output (a test checks

@@ -31,11 +31,11 @@ from .checks import ParameterError, check_choice, check_device, check_number
 Check = Callable[[str, Any], None]
 
 
-def num(low=None, high=None, low_open=False, high_open=False) -> Check:
+def num(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Check:
     return lambda name, v: check_number(name, v, low=low, high=high, low_open=low_open, high_open=high_open)
 
 
-def integer(low=None, high=None) -> Check:
+def integer(low: float | None = None, high: float | None = None) -> Check:
     return lambda name, v: check_number(name, v, low=low, high=high, integer=True)
 
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ class ValueDataset:
                             [self.texts[i] for i in idx.tolist()], CostMeter())
 
 
-def collect_training_data(sampler: PrelogitSampler, prompts: Sequence[str], user_texts: Sequence[str], reward,
+def collect_training_data(sampler: PrelogitSampler, prompts: Sequence[str], user_texts: Sequence[str], reward: Any,
                           samples_per_prompt: int, generators: Sequence[torch.Generator | None] | None = None,
                           max_new_tokens: int | None = None) -> ValueDataset:
     """Sample ``samples_per_prompt`` responses per prompt from the base model and label them.
@@ -319,8 +319,8 @@ def recontrol_generate_many(sampler: PrelogitSampler, prompts: Sequence, value_f
     return gens
 
 
-def recontrol_generate(sampler: PrelogitSampler, prompt, value_fn: ValueFn, step_size: float = 0.5,
-                       n_steps: int = 30, max_new_tokens: int | None = None) -> Generation:
+def recontrol_generate(sampler: PrelogitSampler, prompt: str | Sequence[int] | torch.Tensor, value_fn: ValueFn,
+                       step_size: float = 0.5, n_steps: int = 30, max_new_tokens: int | None = None) -> Generation:
     """One greedy RE-Control response: :func:`recontrol_generate_many` with a single prompt."""
     return recontrol_generate_many(sampler, [prompt], value_fn, step_size, n_steps, max_new_tokens)[0]
 

@@ -12,6 +12,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ def curve_summary(curve: list[dict], key: str = "reward", n_boot: int = 2000, le
     return rows
 
 
-def plot_curves(ax, summaries: dict[str, list[dict]], ylabel: str) -> None:
+def plot_curves(ax: Any, summaries: dict[str, list[dict]], ylabel: str) -> None:
     """Mean with a shaded confidence band per method, x on a log2 scale."""
     for name, rows in summaries.items():
         x = [r["N"] for r in rows]

@@ -165,7 +165,7 @@ class MiniLMEncoder:
 # ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
-def _vader():
+def _vader() -> Any:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
@@ -362,7 +362,7 @@ def train_reward_head(texts: Sequence[str] | None, labels: torch.Tensor | Sequen
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
-    def closure():
+    def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(Xd @ w + b, yd) + 0.5 * weight_decay * (w @ w)
         loss.backward()

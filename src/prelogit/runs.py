@@ -6,7 +6,7 @@ every stage computes the same quantity the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ def set_threads(threads: int) -> int:
 
 def build_sampler(model_name: str, model_dtype: str, model_device: str, model_cache_dir: str,
                   max_new_tokens: int, decode: str, temperature: float, top_k: int, top_p: float,
-                  model_threads: int = 0, model_max_rows: int = DEFAULT_MAX_ROWS, model_device_map: str | None = None):
+                  model_threads: int = 0, model_max_rows: int = DEFAULT_MAX_ROWS,
+                  model_device_map: str | None = None) -> tuple[PrelogitSampler, float]:
     """Load the LM and wrap it in a :class:`PrelogitSampler` (``model_max_rows`` rows per forward pass);
     returns (sampler, load seconds).
 
@@ -64,7 +65,7 @@ def build_sampler(model_name: str, model_dtype: str, model_device: str, model_ca
 
 
 def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, reward_head_path: str,
-                  device: str = "cpu"):
+                  device: str = "cpu") -> tuple[RewardModel, dict[str, RewardModel], MiniLMEncoder]:
     """The optimised reward and the held-out judges (which share the MiniLM encoder), on ``device``
     (this process's own GPU under ``accelerate launch``, as for the LM)."""
     device = process_device(device)
@@ -81,7 +82,7 @@ def judge_all(judges: Mapping[str, RewardModel], user_texts: list[str], response
     return {name: j.score(user_texts, responses).tolist() for name, j in judges.items()}
 
 
-def best_of_n_records(sampler: PrelogitSampler, reward, judges: Mapping[str, RewardModel], rows: list[dict], N: int,
+def best_of_n_records(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel], rows: list[dict], N: int,
                       seed: int, batch_size: int) -> list[BestOfNRecord]:
     """Best-of-N records for the prompt ``rows`` (``load_prompts`` rows): N samples each, every
     prompt seeded by (seed, prompt id), every sample scored by the held-out judges; ``prompt_id``
@@ -99,7 +100,7 @@ def best_of_n_records(sampler: PrelogitSampler, reward, judges: Mapping[str, Rew
     return run_sharded(rows, run)
 
 
-def aisp_records(sampler: PrelogitSampler, reward, judges: Mapping[str, RewardModel], rows: list[dict],
+def aisp_records(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel], rows: list[dict],
                  config: AISPConfig, seed: int, decode: str | None) -> list[AISPRecord]:
     """AISP records for the prompt ``rows``, all prompts in lockstep (one batched generate and one
     reward call per iteration), each seeded by (seed, prompt id), decoding given V by ``decode``;
@@ -185,7 +186,7 @@ def by_iteration(records: Sequence[AISPRecord], ids: set[str] | None = None) -> 
             for it in r["iterations"]:
                 its.setdefault(it["k"], []).append(it)
 
-    def mean(xs) -> float:
+    def mean(xs: Iterable[float]) -> float:
         xs = list(xs)
         return sum(xs) / len(xs)
 

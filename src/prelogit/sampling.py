@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -132,7 +132,7 @@ class _HeadHook:
         self.device = device
         self._handle = head.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module, args):
+    def _hook(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor] | None:
         h = args[0]
         if h.shape[1] != 1:
             raise RuntimeError("the sampler calls the model with logits_to_keep=1; the LM head saw "
@@ -211,7 +211,7 @@ class _AppendLayer(DynamicLayer):
     def _views(self) -> None:
         self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         n = key_states.shape[-2]
         self._k[:, :, self.length:self.length + n] = key_states
         self._v[:, :, self.length:self.length + n] = value_states
@@ -288,7 +288,7 @@ class _Outputs:
                    prelogits=torch.zeros(R, T, d, dtype=torch.float32) if record_prelogits else None,
                    kl=torch.zeros(R, dtype=torch.float64) if record_kl else None)
 
-    def generations(self, counts: list[int], tokenizer) -> list[Generation]:
+    def generations(self, counts: list[int], tokenizer: Any) -> list[Generation]:
         """One :class:`Generation` per prompt (its ``counts[i]`` consecutive rows), trimmed to its longest row."""
         out, start = [], 0
         for i, c in enumerate(counts):
@@ -364,8 +364,8 @@ class PrelogitSampler:
     is computed from them follows ``logits.device``.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 24, decode: str = "sample",
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_rows: int = DEFAULT_MAX_ROWS):
+    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 24, decode: str = "sample",
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_rows: int = DEFAULT_MAX_ROWS) -> None:
         check_number("max_new_tokens", max_new_tokens, low=1, integer=True)
         check_choice("decode", decode, DECODES)
         check_number("temperature", temperature, low=0, low_open=True)

@@ -29,7 +29,7 @@ from .checks import ParameterError
 T = TypeVar("T")
 
 
-def _state():
+def _state() -> Any:
     """accelerate's process state (created once per process; CPU-only when no GPU is visible)."""
     import torch
     from accelerate import PartialState

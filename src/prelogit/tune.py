@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 from .aisp import AISPConfig, run_aisp_many
@@ -373,7 +373,7 @@ def _lockstep_key(cfg: AISPConfig | MISVOConfig, decode: str | None) -> tuple:
 
 
 def _lockstep_groups(configs: list[tuple[AISPConfig | MISVOConfig, str | None]], pairs: Sequence[tuple[int, str]],
-                     prompt_ids) -> dict[tuple, list[tuple[int, str]]]:
+                     prompt_ids: Container[str]) -> dict[tuple, list[tuple[int, str]]]:
     """The distinct (config index, prompt id) pairs grouped by :func:`_lockstep_key`, in the order given
     within a group; each pair checked against ``configs`` and ``prompt_ids`` (ParameterError)."""
     groups: dict[tuple, list[tuple[int, str]]] = {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def _too_few(cmp: Mapping) -> bool:
     return int(cmp.get("n_prompts", MIN_PROMPTS)) < MIN_PROMPTS
 
 
-def _values(name: str, x) -> np.ndarray:
+def _values(name: str, x: object) -> np.ndarray:
     """``x`` as a finite float64 vector of shape (P,) with P >= 2."""
     try:
         a = np.asarray(x, dtype=np.float64)
@@ -65,7 +66,7 @@ def _values(name: str, x) -> np.ndarray:
     return a
 
 
-def minimal_detectable_difference(diffs, level: float = 0.95, power: float = 0.8) -> float:
+def minimal_detectable_difference(diffs: Any, level: float = 0.95, power: float = 0.8) -> float:
     """Smallest true mean paired difference these P prompts detect with probability ``power``.
 
     MDD = (z_{(1+level)/2} + z_{power}) * sd(diffs, ddof=1) / sqrt(P), in the units of ``diffs``
@@ -99,7 +100,7 @@ def _decision(lo: float, hi: float, names: Sequence[str]) -> str:
     return NO_DIFFERENCE
 
 
-def compare(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0, power: float = 0.8,
+def compare(a: Any, b: Any, n_boot: int = 2000, level: float = 0.95, seed: int = 0, power: float = 0.8,
             names: Sequence[str] = ("AISP", "best-of-N")) -> dict:
     """Apply the pre-stated decision rule (module docstring) to per-prompt values a and b.
 
@@ -260,7 +261,7 @@ def best_of_claim(scores: Mapping[str, Sequence[float]], claimed: str, n_boot: i
     return {"verdict": verdict, "best": best, "means": means, "comparisons": comparisons}
 
 
-def _cell(text) -> str:
+def _cell(text: object) -> str:
     """One markdown table cell: pipes escaped, line breaks turned into spaces."""
     return " ".join(str(text).replace("|", "\\|").split())
 
