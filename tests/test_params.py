@@ -171,3 +171,23 @@ def test_a_section_is_checked_before_it_is_built():
     missing = {**PARAMS, "aisp": {k: v for k, v in PARAMS["aisp"].items() if k != "lit_sigma"}}
     with pytest.raises(ParameterError, match="missing key aisp.lit_sigma"):
         params.SECTIONS["aisp"].of(missing)
+
+
+def test_a_conversion_published_first_by_another_process_is_used(tmp_path):
+    # the processes of a sharded stage convert the embedded model at once on a cold cache; the later rename
+    # finds the folder there and drops its own copy (convert_embedded_model's finally removes it)
+    from prelogit.models import _publish_conversion
+
+    target, mine = tmp_path / "SmolLM2-float64", tmp_path / ".SmolLM2-float64.x"
+    for folder, text in ((target, "theirs"), (mine, "mine")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    _publish_conversion(mine, target)
+    assert (target / "config.json").read_text() == "theirs"
+    (target / "config.json").unlink()  # a folder that is not a conversion: the error stands
+    (target / "other").write_text("x")
+    with pytest.raises(OSError):
+        _publish_conversion(mine, target)
+    fresh = tmp_path / "fresh"
+    _publish_conversion(mine, fresh)
+    assert (fresh / "config.json").read_text() == "mine" and not mine.exists()

@@ -145,7 +145,7 @@ def test_readme_commands_run_as_written_from_a_clean_shell(block, clone, clean_e
     out = run.stdout + run.stderr
     assert run.returncode == 0, f"README block {block}:\n{script}\n--- output ---\n{out[-4000:]}"
     if any("FORCE=1" in c or "--force" in c for c in commands if "repro" in c):
-        for stage in params.STAGES:  # dvc printed every stage's command, which would run them all
+        for stage in params.stages(ROOT):  # dvc printed every stage's command, which would run them all
             assert f"Running stage '{stage}'" in run.stdout and f"> python -m prelogit.stage {stage}" in run.stdout, out
     for c in commands:
         if shlex.split(c)[:2] == ["make", "test"]:  # printed, not run: the recipe names the venv's tools

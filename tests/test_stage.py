@@ -72,6 +72,47 @@ def test_notebook_failure_prints_its_error_last_and_touches_no_output(project, c
     assert (project / "results" / ".staging" / "figures" / "figures.ipynb").exists()
 
 
+def test_a_kernel_that_dies_while_starting_is_started_again(project, capsys, monkeypatch):
+    """No cell has run when the kernel dies before answering, so the stage starts another (a bounded number
+    of times); any other error of papermill's is not retried."""
+    import papermill
+
+    _notebook(project / "notebooks" / "figures.ipynb",
+              "from pathlib import Path\nPath(results_dir, 'out.txt').write_text(f'{results_dir} {n_boot}\\n')")
+    real, calls = papermill.execute_notebook, []
+
+    def dies_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(stage.KERNEL_DIED)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(papermill, "execute_notebook", dies_first)
+    assert stage.main(["figures"]) == 0 and len(calls) == 2
+    assert "kernel died while starting (attempt 1 of 3)" in capsys.readouterr().err
+    assert (project / "results" / "figures" / "out.txt").read_text() == "results/.staging/figures 200\n"
+
+    def always_dies(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError(stage.KERNEL_DIED)
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", always_dies)
+    with pytest.raises(RuntimeError, match=stage.KERNEL_DIED):
+        stage.main(["figures"])
+    assert len(calls) == stage.KERNEL_STARTS
+
+    def other(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("something else")
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        stage.main(["figures"])
+    assert len(calls) == 1
+
+
 def test_bad_parameters_exit_2_before_anything_starts(project, capsys):
     (project / "params.yaml").write_text(yaml.safe_dump({"figures": {**FIGURES["figures"], "n_boot": 5}}))
     assert stage.main(["figures"]) == 2

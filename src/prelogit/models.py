@@ -70,11 +70,26 @@ def convert_embedded_model(cache_dir: str | os.PathLike | None = None, dtype: st
         model.config.dtype = dtype
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        _publish_conversion(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _publish_conversion(tmp: Path, target: Path) -> None:
+    """Rename the finished conversion ``tmp`` to ``target``, unless another process got there first.
+
+    The processes of a sharded stage (``launch.launcher: accelerate``) each load the model, so on a
+    cold cache they convert it at the same time; the rename of the later one fails because the folder
+    exists. Its conversion is the same model, so it is dropped and the published one used. A folder
+    ``target`` without ``config.json`` is not a conversion, and the error stands.
+    """
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
 
 
 def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None,

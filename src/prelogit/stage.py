@@ -127,6 +127,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+#: How often a stage starts its notebook's kernel when the kernel dies before answering. Seen once, in
+#: rank 1 of a two-process accelerate run in CI (not reproduced in four reruns here); two kernels
+#: starting at the same moment on one machine can, for one, race for the same free ports.
+KERNEL_STARTS = 3
+KERNEL_DIED = "Kernel died before replying to kernel_info"
+
+
 def _execute(stage: str, flat: dict, staging: Path) -> int:
     """Run the stage's notebook into ``staging`` (parameters, executed notebook, outputs); 0 on success.
 
@@ -147,8 +154,17 @@ def _execute(stage: str, flat: dict, staging: Path) -> int:
     injected = dict(sorted({**flat, "results_dir": str(staging)}.items()))  # sorted, as in params.yaml
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        papermill.execute_notebook(f"notebooks/{stage}.ipynb", str(executed), parameters=injected, cwd=".",
-                                   log_output=True, progress_bar=False)
+        for attempt in range(1, KERNEL_STARTS + 1):
+            try:
+                papermill.execute_notebook(f"notebooks/{stage}.ipynb", str(executed), parameters=injected, cwd=".",
+                                           log_output=True, progress_bar=False)
+                break
+            except RuntimeError as err:
+                # The kernel exited before it answered, so no cell ran: starting another one is safe.
+                if KERNEL_DIED not in str(err) or attempt == KERNEL_STARTS:
+                    raise
+                print(f"the notebook's kernel died while starting (attempt {attempt} of {KERNEL_STARTS}); "
+                      "starting another", file=sys.stderr, flush=True)
     except PapermillExecutionError as err:
         message = " ".join(str(err.evalue).split())
         cell = err.exec_count if err.exec_count is not None else err.cell_index
