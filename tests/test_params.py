@@ -34,6 +34,12 @@ def test_stages_are_dvc_yamls_notebook_stages():
                           "tuned_path": "results/tune/selected.json"}
     assert aisp.results_dir == "results/aisp"
     assert params.stages(ROOT)["figures"].paths["bon_dir"] == "results/bon"
+    # the stages are cached: what one caller does with its copy reaches no other
+    mine = params.stages(ROOT)
+    mine.pop("aisp")
+    with pytest.raises(TypeError):
+        mine["bon"].paths["prompts_path"] = "elsewhere"  # type: ignore[index]
+    assert "aisp" in params.stages(ROOT)
 
 
 def _edit(stage, change):

@@ -1,7 +1,8 @@
 """Executed notebooks are pipeline outputs; this strips what changes on every run for no reason.
 
 Papermill stamps each cell and the notebook with start/end times and durations, and a progress bar
-shown as a Jupyter widget carries a random id; those would make every re-run a diff. ``python -m prelogit.nbtools PATH...`` removes them in place (atomically).
+shown as a Jupyter widget carries a random id; those would make every re-run a diff.
+``python -m prelogit.nbtools PATH...`` removes them in place (atomically).
 :func:`relocate` rewrites the staging folder a stage ran in (``prelogit.stage``) to the folder its
 outputs were moved to, so the committed notebook names where its files are.
 """

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, cast
@@ -415,7 +416,7 @@ class Stage:
 
     name: str
     sections: tuple[str, ...]
-    paths: dict[str, str]
+    paths: Mapping[str, str]  # read-only: the stages are cached (:func:`stages`) and shared by every caller
     results_dir: str
     sharded: bool
 
@@ -433,7 +434,7 @@ def project_root(start: str | Path | None = None) -> Path:
 def stages(root: str | Path | None = None) -> dict[str, Stage]:
     """The notebook stages of the project at ``root`` (default: :func:`project_root`), in dvc.yaml's order."""
     path = project_root(root) / PIPELINE_FILE
-    return _read_stages(str(path), path.stat().st_mtime_ns)
+    return dict(_read_stages(str(path), path.stat().st_mtime_ns))  # a copy: the cached mapping stays as read
 
 
 @functools.lru_cache(maxsize=8)
@@ -480,7 +481,7 @@ def _stage(path: str, name: str, spec: dict) -> Stage:
     if len(folders) != 1:
         raise ParameterError(f"{where} writes into {sorted(folders) or 'no folder'}: its outputs must share one "
                              "results folder")
-    return Stage(name, sections, paths, folders.pop(), "launch" in listed)
+    return Stage(name, sections, MappingProxyType(paths), folders.pop(), "launch" in listed)
 
 
 def load(path: str | Path = "params.yaml") -> dict:
