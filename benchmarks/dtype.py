@@ -39,9 +39,13 @@ def _worker(dtype: str, head_fp32: bool, what: str, prompts_path: str, head_path
 
     from prelogit.aisp import AISPConfig, run_aisp_many
     from prelogit.engine import prompt_generator, run_best_of_n_many
+    from prelogit.params import Generation, Model, Reward
     from prelogit.runs import build_sampler, build_scorers, load_prompts
+    from prelogit.sampling import DEFAULT_MAX_ROWS
 
-    sampler, _ = build_sampler("embedded", dtype, "cpu", "models", 16, "sample", 1.0, 0, 1.0, THREADS)
+    sampler, _ = build_sampler(Model(name="embedded", dtype=dtype, device="cpu", cache_dir="models", threads=THREADS,
+                                     max_rows=DEFAULT_MAX_ROWS, device_map=None),
+                               Generation(max_new_tokens=16, decode="sample", temperature=1.0, top_k=0, top_p=1.0))
     if head_fp32:
         # a float32 copy of the (tied) head, fed float32 pre-logits: logits are not rounded to bfloat16
         head = sampler.model.lm_head
@@ -62,7 +66,7 @@ def _worker(dtype: str, head_fp32: bool, what: str, prompts_path: str, head_path
     if what == "greedy":
         out = sampler.generate_many(prompts, [1] * len(prompts), decode="greedy")
         return {"tokens": [g.tokens[0, : int(g.lengths[0])].tolist() for g in out]}
-    reward, _, _ = build_scorers("embedded", None, "float32", head_path)
+    reward, _, _ = build_scorers(Reward(kind="embedded", name=None, dtype="float32"), head_path)
     t0 = time.perf_counter()
     run_best_of_n_many(sampler, reward, prompts, users, 64, gens())
     run_aisp_many(sampler, reward, prompts, users, AISPConfig(sigma=0.5, lam=0.1, n=16, K=4, tau=8,

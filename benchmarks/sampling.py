@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from prelogit.aisp import AISPConfig, run_aisp_many  # noqa: E402
 from prelogit.engine import prompt_generator, run_best_of_n_many  # noqa: E402
 from prelogit.io import write_json  # noqa: E402
+from prelogit.params import Generation, Model, Reward  # noqa: E402
 from prelogit.runs import build_sampler, build_scorers, load_prompts  # noqa: E402
 
 TARGETS = {"batched_over_one_prompt_tokens_per_s": 1.3, "aisp_over_bon_wall_clock": 1.15, "share_of_gemm_peak": 0.55,
@@ -77,12 +78,12 @@ def main() -> None:
     ap.add_argument("--out", default="results/benchmarks/sampling.json")
     args = ap.parse_args()
 
-    sampler, _ = build_sampler(args.model, args.dtype, "cpu", args.cache_dir, args.tokens, "sample", 1.0, 0, 1.0,
-                               args.threads)
-    sampler.max_rows = args.max_rows
+    sampler, _ = build_sampler(Model(name=args.model, dtype=args.dtype, device="cpu", cache_dir=args.cache_dir,
+                                     threads=args.threads, max_rows=args.max_rows, device_map=None),
+                               Generation(max_new_tokens=args.tokens, decode="sample", temperature=1.0, top_k=0, top_p=1.0))
     sampler.eos_ids = torch.tensor([], dtype=torch.long)  # every row generates exactly T tokens
     model = sampler.model
-    reward, _, _ = build_scorers("embedded", None, "float32", args.reward_head)
+    reward, _, _ = build_scorers(Reward(kind="embedded", name=None, dtype="float32"), args.reward_head)
     rows = load_prompts(args.prompts, "train", args.n_prompts)
     if len(rows) < args.n_prompts:
         raise SystemExit(f"{args.prompts} has only {len(rows)} train prompts; run the prepare stage or lower --n-prompts")

@@ -1,5 +1,6 @@
 """params.yaml, the notebooks' parameters cells and dvc.yaml agree; bad params stop a stage early."""
 
+import ast
 from pathlib import Path
 
 import papermill as pm
@@ -82,9 +83,9 @@ def test_shared_sections_have_the_same_smoke_values_in_every_notebook():
     for stage, spec in params.stages(ROOT).items():
         nb = pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb"))
         for section in spec.sections[1:]:
-            for key in params.SCHEMA[section]:
-                value = nb[f"{section}_{key}"]["default"]
-                assert seen.setdefault((section, key), value) == value, (stage, section, key)
+            value = ast.literal_eval(nb[section]["default"])
+            assert list(value) == list(params.SCHEMA[section]), (stage, section)  # every key, in params.yaml's order
+            assert seen.setdefault(section, value) == value, (stage, section)
 
 
 # Bad values on the command line (exit code, message, untouched output) are the table in
@@ -113,12 +114,19 @@ def test_resolve_model_uses_the_same_check(tmp_path):
 
 def test_notebook_check_sees_smoke_values():
     nb = pm.inspect_notebook(str(ROOT / "notebooks" / "aisp.ipynb"))
-    ns = {k: eval(v["default"]) for k, v in nb.items()}  # the parameters cell holds literals only
-    params.check_notebook("aisp", ns)
+    ns = {k: ast.literal_eval(v["default"]) for k, v in nb.items()}  # the parameters cell holds literals only
+    P = params.check_notebook("aisp", ns)
+    assert isinstance(P.aisp, params.AISP) and P.aisp.N == ns["aisp"]["N"]
+    assert isinstance(P.generation, params.Generation) and P.generation.max_new_tokens == ns["generation"]["max_new_tokens"]
     with pytest.raises(ParameterError, match="aisp.lit_sigma"):
-        params.check_notebook("aisp", {**ns, "lit_sigma": 0})
+        params.check_notebook("aisp", {**ns, "aisp": {**ns["aisp"], "lit_sigma": 0}})
     with pytest.raises(ParameterError, match="aisp.lit_tau = 9 exceeds generation.max_new_tokens = 8"):
-        params.check_notebook("aisp", {**ns, "lit_tau": 9, "generation_max_new_tokens": 8})
+        params.check_notebook("aisp", {**ns, "aisp": {**ns["aisp"], "lit_tau": 9},
+                                       "generation": {**ns["generation"], "max_new_tokens": 8}})
+    with pytest.raises(ParameterError, match="notebook parameter generation .* is not set"):
+        params.check_notebook("aisp", {k: v for k, v in ns.items() if k != "generation"})
+    with pytest.raises(ParameterError, match="missing key model.dtype"):
+        params.check_notebook("aisp", {**ns, "model": {k: v for k, v in ns["model"].items() if k != "dtype"}})
 
 
 def test_the_schema_imports_no_stage_machinery():

@@ -45,9 +45,7 @@ def smoke_params() -> dict:
         for i, section in enumerate(spec.sections):
             if i > 0 and section in owned:  # a stage's own section takes its own notebook's smoke values (the replicate
                 continue                    # notebook reads the tune section too, with a smaller smoke search for nbval)
-            for key in params.SCHEMA[section]:
-                name = key if i == 0 else f"{section}_{key}"
-                out.setdefault(section, {})[key] = ast.literal_eval(nb[name]["default"])
+            out.setdefault(section, ast.literal_eval(nb[section]["default"]))
     out["launch"] = {"launcher": "python", "num_processes": 1, "config_file": None}  # read by the wrapper only
     # share the converted model with the test session instead of converting it again
     out["model"]["cache_dir"] = str(Path(os.environ.get("PRELOGIT_CACHE", ROOT / "models")).resolve())

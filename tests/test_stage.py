@@ -42,7 +42,7 @@ def project(tmp_path, monkeypatch):
 def _notebook(path, body: str) -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell('results_dir = "results/_smoke/figures"\nn_boot = 100')
+    params = nbformat.v4.new_code_cell('results_dir = "results/_smoke/figures"\nfigures = {"n_boot": 100}')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     nbformat.write(nb, str(path))
@@ -50,7 +50,7 @@ def _notebook(path, body: str) -> None:
 
 def test_success_moves_every_output_into_place_and_removes_staging(project):
     _notebook(project / "notebooks" / "figures.ipynb",
-              "from pathlib import Path\nPath(results_dir, 'out.txt').write_text(f'{results_dir} {n_boot}\\n')")
+              "from pathlib import Path\nPath(results_dir, 'out.txt').write_text(f'{results_dir} {figures[\"n_boot\"]}\\n')")
     assert stage.main(["figures"]) == 0
     out = project / "results" / "figures"
     assert (out / "out.txt").read_text() == "results/.staging/figures 200\n"  # the notebook ran in staging
@@ -78,7 +78,7 @@ def test_a_kernel_that_dies_while_starting_is_started_again(project, capsys, mon
     import papermill
 
     _notebook(project / "notebooks" / "figures.ipynb",
-              "from pathlib import Path\nPath(results_dir, 'out.txt').write_text(f'{results_dir} {n_boot}\\n')")
+              "from pathlib import Path\nPath(results_dir, 'out.txt').write_text(f'{results_dir} {figures[\"n_boot\"]}\\n')")
     real, calls = papermill.execute_notebook, []
 
     def dies_first(*args, **kwargs):

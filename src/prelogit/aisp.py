@@ -29,9 +29,6 @@ import torch
 from .checks import ParameterError, check_aisp_params, check_choice
 from .control import effective_sample_size, log_weight_terms, normalised_weights, update_mean
 from .engine import check_prompt_lists, generate, prefill, score
-# best-of-N and the per-prompt RNG live in the engine; imported here for the notebooks that take them from
-# prelogit.aisp (they change with their stages' next re-run)
-from .engine import prompt_generator, run_best_of_n, run_best_of_n_many  # noqa: F401
 from .metrics import CostMeter
 from .records import AISPBest, AISPConfigDict, AISPFinalRollout, AISPIteration, AISPRecord
 from .rewards import RewardModel

@@ -24,16 +24,18 @@ default is 0.7; pass ``temperature=0.7`` to match it).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .checks import ParameterError, check_choice, check_number
+from .engine import prompt_generator
 from .metrics import CostMeter
-from .rewards import check_scores
+from .rewards import check_scores, judge_all
 from .sampling import PrelogitSampler
+from .shard import run_sharded
 
 DECODES = ("greedy", "sample")
 
@@ -187,6 +189,43 @@ def args_generate_many(sampler: PrelogitSampler, prompts: Sequence[str | Sequenc
                               rewards=torch.stack(st["rewards"]), chosen=torch.tensor(st["chosen"], dtype=torch.long),
                               kl_steps=torch.tensor(st["kl"], dtype=torch.float64), cost=m))
     return out
+
+
+def args_records(sampler: PrelogitSampler, reward: Any, judges: Mapping[str, Any], rows: list[dict], k: int, w: float,
+                 decode: str, seed: int, temperature: float) -> list[dict]:
+    """The args stage's records: ARGS and plain greedy decoding on the prompt ``rows`` (``load_prompts``
+    rows), one record per prompt, in prompt order.
+
+    All prompts run in one batched ARGS call (at each step every prompt's k candidates go into one
+    reward call), each with its own generator, seeded by (seed, prompt id)
+    (:func:`prelogit.engine.prompt_generator`); then one batched greedy call. Each record holds the
+    ARGS response with its reward (``reward``) and the held-out judges' scores (``judges``), its tokens,
+    deviation rate from greedy, sequence KL to the base model (nats) and cost, and the greedy response
+    with its reward, next to ``prompt_id`` and ``prompt``. Under ``accelerate launch`` each process runs its
+    share of the prompts and every process gets all records back (:func:`prelogit.shard.run_sharded`).
+    """
+    def record(p: dict, res: ArgsResult, greedy: str) -> dict:
+        r_args, r_greedy = reward.score([p["text"]] * 2, [res.text, greedy]).tolist()
+        scores = judge_all(judges, [p["text"]], [res.text])
+        return {
+            "prompt_id": p["id"], "prompt": p["text"], "response": res.text, "reward": r_args,
+            "judges": {j: v[0] for j, v in scores.items()},
+            "tokens": res.tokens.tolist(), "finished": res.finished, "chosen": res.chosen.tolist(),
+            "deviation_rate": res.deviation_rate, "kl": res.kl,
+            "forward_calls": res.forward_calls, "reward_calls": res.reward_calls, "cost": res.cost.as_dict(),
+            "greedy_response": greedy, "greedy_reward": r_greedy,
+            "config": {"k": k, "w": w, "decode": decode, "temperature": temperature, "max_new_tokens": sampler.max_new_tokens},
+        }
+
+    def run(share: list[dict]) -> list[dict]:
+        results = args_generate_many(sampler, [p["prompt"] for p in share], [p["text"] for p in share], reward, k=k, w=w,
+                                     decode=decode, generators=[prompt_generator(seed, p["id"]) for p in share],
+                                     temperature=temperature)
+        greedies = [g.texts[0] for g in sampler.generate_many([p["prompt"] for p in share], [1] * len(share),
+                                                              decode="greedy")]
+        return [record(p, res, greedy) for p, res, greedy in zip(share, results, greedies)]
+
+    return run_sharded(rows, run)
 
 
 def args_generate(model: Any, tokenizer: Any, prompt_ids_or_text: str | Sequence[int] | torch.Tensor, user_text: str,

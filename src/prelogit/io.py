@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,18 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
             for row in rows:
                 f.write(json.dumps(_untimed(path, row), sort_keys=True) + "\n")
     return Path(path)
+
+
+def write_outputs(out: str | os.PathLike, files: Mapping[str, Any]) -> None:
+    """Write a stage's data files into the folder ``out``, each by its name's suffix: ``NAME.jsonl`` (a list
+    of records) with :func:`write_jsonl`, ``NAME.json`` with :func:`write_json`."""
+    for name, obj in files.items():
+        if name.endswith(".jsonl"):
+            write_jsonl(Path(out) / name, obj)
+        elif name.endswith(".json"):
+            write_json(Path(out) / name, obj)
+        else:
+            raise ValueError(f"{name}: a stage's data file is NAME.json or NAME.jsonl")
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:

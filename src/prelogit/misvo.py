@@ -298,7 +298,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     Each step generates every prompt's K rows in one sampler call (steered by the prompt's current
     u, shape (K, T, d) with T = ``sampler.max_new_tokens``; unsteered pre-logits recorded) and
     scores them in one reward call; the prefill is computed once. A prompt's token draws come
-    from its own generator (:func:`prelogit.aisp.prompt_generator`) and nothing else is random, so
+    from its own generator (:func:`prelogit.engine.prompt_generator`) and nothing else is random, so
     its record does not depend on the other prompts of the batch.
 
     Args:

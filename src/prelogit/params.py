@@ -4,11 +4,12 @@
 :func:`check_across_sections` the keys that constrain one another; an error names the key and the
 fix. :func:`stages` reads from ``dvc.yaml`` which sections each stage reads (its DVC ``params``) and
 which paths it is handed (its ``meta.paths``, each one of its deps), so nothing about a stage is declared
-twice; :func:`stage_parameters` turns them into the flat dictionary papermill injects into
-``notebooks/STAGE.ipynb``, exactly matching its ``parameters`` cell: the stage's own section bare
-(``sigma``), shared sections prefixed (``model_name``), plus the paths the stage reads and writes.
-DVC tracks those same sections, so a changed ``aisp.sigma`` re-runs aisp and figures and nothing else.
-A notebook re-checks what it was given with :func:`check_notebook`.
+twice; :func:`stage_parameters` turns them into the parameters papermill injects into
+``notebooks/STAGE.ipynb``, exactly matching its ``parameters`` cell: each section the stage reads as one
+mapping named after it (``aisp``, ``model``, ``generation``, ...), plus the paths the stage reads and
+writes. DVC tracks those same sections, so a changed ``aisp.N`` re-runs aisp and figures and nothing else.
+A notebook re-checks what it was given with :func:`check_notebook`, which returns the sections typed
+(``p.aisp.N``, ``p.model.dtype``).
 
 What a stage checks before it starts beyond the values (this machine, the earlier stages' files, how
 it is launched) and the command line that writes the injected file live in :mod:`prelogit.preflight`,
@@ -20,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, cast
@@ -235,6 +236,7 @@ class AISP(Section, section='aisp'):
     seed: int = key(SEED)
     n_prompts: int = key(integer(1))
     N: int = key(integer(1))
+    sigma: float | None = key(optional(POS))
     large_prompts: int = key(integer(0))
     large_N: int = key(integer(1))
     final_rollout: bool = key(boolean)
@@ -583,17 +585,14 @@ def _cross_checks(section: str, v: dict) -> None:
 
 
 def stage_parameters(stage: str, params: dict, root: str | Path | None = None) -> dict:
-    """The flat parameters papermill injects into ``notebooks/STAGE.ipynb``: the stage's sections
-    (:class:`Stage`, from the dvc.yaml of the project at ``root``), its paths and its results folder."""
+    """The parameters papermill injects into ``notebooks/STAGE.ipynb``: each of the stage's sections
+    (:class:`Stage`, from the dvc.yaml of the project at ``root``) as a mapping named after it, its
+    paths and its results folder."""
     known = stages(root)
     if stage not in known:
         raise ParameterError(f"unknown stage {stage!r}; one of {', '.join(known)}")
     spec = known[stage]
-    out: dict[str, Any] = {}
-    for i, section in enumerate(spec.sections):
-        values = validate_section(params, section)
-        for key, value in values.items():
-            out[key if i == 0 else f"{section}_{key}"] = value
+    out: dict[str, Any] = {section: dict(validate_section(params, section)) for section in spec.sections}
     check_across_sections(stage, params)
     out.update(spec.paths)
     out["results_dir"] = spec.results_dir
@@ -694,20 +693,19 @@ def enter_project_root() -> Path:
     return root
 
 
-def check_notebook(stage: str, namespace: dict) -> dict:
-    """Validate a notebook's parameters (run as a cell right after the ``parameters`` cell).
+def check_notebook(stage: str, namespace: Mapping[str, Any]) -> SimpleNamespace:
+    """Validate a notebook's parameters (run as a cell right after the ``parameters`` cell) and return
+    the stage's sections, typed, by name: ``p = check_notebook("aisp", globals())``, then ``p.aisp.N``
+    (a :class:`AISP`), ``p.model.dtype`` (a :class:`Model`), and so on for every section it reads.
 
     Papermill injects values after the ``parameters`` cell, so this sees what the run will use,
     smoke configuration included, and stops it with a message naming the parameter.
     """
-    nested: dict[str, dict] = {}
-    for i, section in enumerate(stages()[stage].sections):
-        nested[section] = {}
-        for key in SCHEMA[section]:
-            name = key if i == 0 else f"{section}_{key}"
-            if name not in namespace:
-                raise ParameterError(f"notebook parameter {name} (params.yaml {section}.{key}) is not set")
-            nested[section][key] = namespace[name]
-        validate_section(nested, section)
-    check_across_sections(stage, nested)
-    return nested
+    given: dict[str, Any] = {}
+    for section in stages()[stage].sections:
+        if section not in namespace:
+            raise ParameterError(f"notebook parameter {section} (the params.yaml section {section}) is not set")
+        given[section] = namespace[section]
+    typed = {section: SECTIONS[section].of(given) for section in given}
+    check_across_sections(stage, given)
+    return SimpleNamespace(**typed)

@@ -8,7 +8,7 @@ split as the stage asks for), and, for a generating stage, how it is launched
 (:func:`prelogit.launch.check`). A bad value stops the stage with a message naming the key before any
 notebook or model starts. It imports torch only when ``model.device`` names cuda or mps.
 
-The command line writes the flat parameters papermill injects, ``results/STAGE/params.yaml`` by
+The command line writes the parameters papermill injects (one mapping per section, the paths), ``results/STAGE/params.yaml`` by
 default, atomically; it exits 2 with the message on a bad value. It is :mod:`prelogit.params`' schema
 put to work: ``params`` itself imports neither this module nor :mod:`prelogit.launch`.
 """
@@ -82,13 +82,13 @@ def check_environment(stage: str, params: dict, root: str | Path = ".") -> None:
 def check_stage(stage: str, params: dict, root: str | Path = ".") -> dict:
     """Everything ``python -m prelogit.preflight STAGE`` checks: :func:`stage_parameters` (the values),
     :func:`check_environment` (this machine, earlier stages) and, for a generating stage, how it is
-    launched (:func:`prelogit.launch.check`). Returns the flat parameters;
+    launched (:func:`prelogit.launch.check`). Returns the parameters papermill injects;
     raises :class:`ParameterError` only."""
-    flat = P.stage_parameters(stage, params, root)
+    parameters = P.stage_parameters(stage, params, root)
     check_environment(stage, params, root)
     if P.stages(root)[stage].sharded:  # how it is started: the launch section, accelerate's configuration, the GPUs
         launch.check(params)
-    return flat
+    return parameters
 
 
 
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="default: results/STAGE/params.yaml")
     args = ap.parse_args(argv)
     try:
-        flat = check_stage(args.stage, P.load(args.params))
+        parameters = check_stage(args.stage, P.load(args.params))
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with atomic_path(Path(args.out or f"results/{args.stage}/params.yaml")) as tmp:
-        tmp.write_text(yaml.safe_dump(flat, sort_keys=True))
+        tmp.write_text(yaml.safe_dump(parameters, sort_keys=True))
     return 0
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -36,7 +36,9 @@ from torch import nn
 from .checks import ParameterError, check_number
 from .io import write_safetensors
 from .metrics import CostMeter
+from .rewards import judge_all
 from .sampling import Generation, PrelogitSampler
+from .shard import run_sharded
 
 #: A value function: pre-logits (b, d) float32 -> values (b,).
 ValueFn = Callable[[torch.Tensor], torch.Tensor]
@@ -112,7 +114,7 @@ def collect_training_data(sampler: PrelogitSampler, prompts: Sequence[str], user
         prompts: templated prompts; user_texts: the raw user turns the reward sees, same order.
         reward: ``score(prompts, responses) -> (n,)``.
         samples_per_prompt: responses per prompt, >= 1.
-        generators: one RNG per prompt for its token sampling (see :func:`prelogit.aisp.prompt_generator`).
+        generators: one RNG per prompt for its token sampling (see :func:`prelogit.engine.prompt_generator`).
         max_new_tokens: overrides the sampler's.
     """
     if isinstance(prompts, str) or isinstance(user_texts, str):
@@ -317,6 +319,78 @@ def recontrol_generate_many(sampler: PrelogitSampler, prompts: Sequence, value_f
         g.meta.update({"value_grad_steps": n_steps * len(b), "value_before": b, "value_after": a,
                        "step_size": step_size, "n_steps": n_steps})
     return gens
+
+
+def ascent_deviation(sampler: PrelogitSampler, value_fn: ValueFn, prompt: str | torch.Tensor, tokens: torch.Tensor,
+                     step_size: float, n_steps: int) -> tuple[float, float]:
+    """Replay prompt + response through the LM once and compare, token by token, the head's argmax at
+    the pre-logit with its argmax after the ascent: returns (share of steps the ascent changed,
+    share of steps where the replayed ascent reproduces the generated token). ``tokens``: (T,) the response."""
+    ids = torch.cat([sampler.encode(prompt), tokens.view(1, -1).to(sampler.device)], dim=1)
+    seen = []
+    hook = sampler.head.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].detach()))
+    try:
+        with torch.no_grad():
+            sampler.model(input_ids=ids[:, :-1])
+    finally:
+        hook.remove()
+    # the pre-logit that chose generated token t, where the value function is (a model spread over GPUs
+    # by device_map: auto hands the head its input on the last layer's device)
+    z = seen[0][-len(tokens):].to(sampler.device)
+    moved = value_ascent(value_fn, z, step_size, n_steps)
+    with torch.no_grad():
+        plain, steered = sampler.head(z).argmax(-1).cpu(), sampler.head(moved).argmax(-1).cpu()
+    return float((plain != steered).float().mean()), float((steered == tokens).float().mean())
+
+
+def recontrol_records(sampler: PrelogitSampler, reward: Any, judges: Mapping[str, Any], rows: list[dict],
+                      value_fn: ValueFn, step_size: float, n_steps: int) -> list[dict]:
+    """The recontrol stage's records: RE-Control on the prompt ``rows`` (``load_prompts`` rows) in one batched
+    run, then plain greedy decoding (``n_steps = 0``) as the reference, one record per prompt, in prompt order.
+
+    Each record holds the steered response with its reward (``reward``) and the held-out judges' scores
+    (``judges``), its tokens, its deviation from greedy and the replay's agreement
+    (:func:`ascent_deviation`), the value before and after the ascent at every token, the sequence KL to
+    the base model (nats) and the cost (the batched run's time shared out by tokens), and the greedy
+    response with its reward, next to ``prompt_id`` and ``prompt``. Under ``accelerate launch`` each
+    process runs its share of the prompts and every process gets all records back
+    (:func:`prelogit.shard.run_sharded`).
+    """
+    def record(p: dict, g: Generation, base: Generation, generation_seconds: float) -> dict:
+        meter = CostMeter()
+        meter.add_generation(g)
+        meter.time_generation_s = generation_seconds
+        text, greedy = g.texts[0], base.texts[0]
+        r_rc, r_greedy = reward.score([p["text"]] * 2, [text, greedy]).tolist()
+        scores = judge_all(judges, [p["text"]], [text])
+        tokens = g.tokens[0, : g.lengths[0]]
+        deviation, replay = ascent_deviation(sampler, value_fn, p["prompt"], tokens, step_size, n_steps)
+        before, after = g.meta["value_before"], g.meta["value_after"]
+        kl = cast(torch.Tensor, g.kl)  # recontrol_generate_many records every row's sequence KL
+        return {
+            "prompt_id": p["id"], "prompt": p["text"], "response": text, "reward": r_rc,
+            "judges": {j: v[0] for j, v in scores.items()},
+            "tokens": tokens.tolist(), "finished": bool(g.finished[0]),
+            "deviation_rate": deviation, "replay_agreement": replay,
+            "forward_calls": meter.forward_calls, "reward_calls": meter.reward_calls,
+            "value_grad_steps": g.meta["value_grad_steps"], "cost": meter.as_dict(), "kl": float(kl[0]),
+            "value_before": before, "value_after": after,
+            "value_gain": (sum(after) - sum(before)) / len(before),
+            "greedy_response": greedy, "greedy_reward": r_greedy, "differs_from_greedy": text != greedy,
+            "config": {"step_size": step_size, "n_steps": n_steps, "max_new_tokens": sampler.max_new_tokens},
+        }
+
+    def run(share: list[dict]) -> list[dict]:
+        t_gen = time.perf_counter()
+        steered = recontrol_generate_many(sampler, [p["prompt"] for p in share], value_fn, step_size=step_size,
+                                          n_steps=n_steps)
+        gen_seconds = time.perf_counter() - t_gen
+        plain = recontrol_generate_many(sampler, [p["prompt"] for p in share], value_fn, step_size=step_size, n_steps=0)
+        total_tokens = sum(g.new_tokens for g in steered)
+        # the batched run's time, shared out by tokens
+        return [record(p, g, base, gen_seconds * g.new_tokens / total_tokens) for p, g, base in zip(share, steered, plain)]
+
+    return run_sharded(rows, run)
 
 
 def recontrol_generate(sampler: PrelogitSampler, prompt: str | Sequence[int] | torch.Tensor, value_fn: ValueFn,

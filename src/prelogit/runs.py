@@ -6,22 +6,26 @@ every stage computes the same quantity the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
-from .aisp import AISPConfig, run_aisp_many
+from .aisp import AISPConfig, frozen_twin, run_aisp_many
 from .engine import prompt_generator, run_best_of_n_many
 from .io import read_jsonl
-from .metrics import distinct_ngram_diversity, expected_best_of_n
+from .metrics import bootstrap_ci, distinct_ngram_diversity, expected_best_of_n, paired_difference
 from .models import load_model
+from .params import Generation, Model, Reward
 from .records import AISPIteration, AISPRecord, BestOfNRecord, CurveRow, SearchRecord
-from .rewards import build_judges, build_reward, MiniLMEncoder, RewardModel
-from .sampling import DEFAULT_MAX_ROWS, PrelogitSampler
+from .rewards import build_judges, build_reward, judge_all, MiniLMEncoder, RewardModel
+from .sampling import PrelogitSampler
 from .shard import process_device, run_sharded
 from .theory import kl_best_of_n
+
+#: A method's record type (a TypedDict of :mod:`prelogit.records`).
+R = TypeVar("R")
 
 
 def load_prompts(path: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -44,80 +48,152 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def build_sampler(model_name: str, model_dtype: str, model_device: str, model_cache_dir: str,
-                  max_new_tokens: int, decode: str, temperature: float, top_k: int, top_p: float,
-                  model_threads: int = 0, model_max_rows: int = DEFAULT_MAX_ROWS,
-                  model_device_map: str | None = None) -> tuple[PrelogitSampler, float]:
-    """Load the LM and wrap it in a :class:`PrelogitSampler` (``model_max_rows`` rows per forward pass);
-    returns (sampler, load seconds).
+def build_sampler(model: Model, generation: Generation) -> tuple[PrelogitSampler, float]:
+    """Load the LM of params.yaml's ``model`` section and wrap it in a :class:`PrelogitSampler` that decodes as
+    its ``generation`` section says (``model.max_rows`` rows per forward pass); returns (sampler, load seconds).
 
     Under ``accelerate launch`` a ``cuda`` device becomes this process's own GPU
-    (:func:`prelogit.shard.process_device`); ``model_device_map: auto`` spreads the model over every
+    (:func:`prelogit.shard.process_device`); ``model.device_map: auto`` spreads the model over every
     visible GPU instead (one process).
     """
-    set_threads(model_threads)
+    set_threads(model.threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_name, dtype=model_dtype, device=process_device(model_device),
-                                  cache_dir=model_cache_dir, device_map=model_device_map)
-    sampler = PrelogitSampler(model, tokenizer, max_new_tokens=max_new_tokens, decode=decode,
-                              temperature=temperature, top_k=top_k, top_p=top_p, max_rows=model_max_rows)
+    lm, tokenizer = load_model(model.name, dtype=model.dtype, device=process_device(model.device),
+                               cache_dir=model.cache_dir, device_map=model.device_map)
+    sampler = PrelogitSampler(lm, tokenizer, max_new_tokens=generation.max_new_tokens, decode=generation.decode,
+                              temperature=generation.temperature, top_k=generation.top_k, top_p=generation.top_p,
+                              max_rows=model.max_rows)
     return sampler, time.perf_counter() - t0
 
 
-def build_scorers(reward_kind: str, reward_name: str | None, reward_dtype: str, reward_head_path: str,
+def build_scorers(reward: Reward, reward_head_path: str | Path,
                   device: str = "cpu") -> tuple[RewardModel, dict[str, RewardModel], MiniLMEncoder]:
-    """The optimised reward and the held-out judges (which share the MiniLM encoder), on ``device``
+    """The optimised reward of params.yaml's ``reward`` section (the embedded one reads its trained head from
+    ``reward_head_path``) and the held-out judges (which share the MiniLM encoder), on ``device``
     (this process's own GPU under ``accelerate launch``, as for the LM)."""
     device = process_device(device)
     encoder = MiniLMEncoder(device=device)
-    if reward_kind == "embedded":
-        spec: dict[str, str | None] = {"kind": "embedded", "head": reward_head_path}
+    if reward.kind == "embedded":
+        spec: dict[str, str | None] = {"kind": "embedded", "head": str(reward_head_path)}
     else:
-        spec = {"kind": reward_kind, "name": reward_name, "dtype": reward_dtype, "device": device}
+        spec = {"kind": reward.kind, "name": reward.name, "dtype": reward.dtype, "device": device}
     return build_reward(spec, encoder=encoder, device=device), build_judges(encoder), encoder
 
 
-def judge_all(judges: Mapping[str, RewardModel], user_texts: list[str], responses: list[str]) -> dict[str, list[float]]:
-    """Every judge's score for each (prompt, response) pair."""
-    return {name: j.score(user_texts, responses).tolist() for name, j in judges.items()}
+def prompt_records(rows: list[dict], run: Callable[[list[str], list[str], list[torch.Generator]], list[R]], seed: int,
+                   judges: Mapping[str, RewardModel], judged: str) -> list[R]:
+    """A search method's records for the prompt ``rows`` (``load_prompts`` rows), with ``prompt_id`` and
+    ``prompt`` filled in and the held-out judges' scores.
+
+    ``run(prompts, user_texts, generators)`` runs the method on a list of prompts, each with its own
+    generator, seeded by (seed, prompt id) (:func:`prelogit.engine.prompt_generator`), so that a prompt's
+    draws do not depend on the other prompts. ``judged`` says what the judges score: ``"samples"``, every
+    sample (``rec["judges"]``: judge -> one score per ``rec["responses"]``), or ``"best_so_far"``, each
+    iteration's best-so-far answer (``rec["best_so_far_judges"]``: one dict per iteration). Under
+    ``accelerate launch`` each process runs its share of the prompts and every process gets all records
+    back, in prompt order (:func:`prelogit.shard.run_sharded`).
+    """
+    if judged not in ("samples", "best_so_far"):
+        raise ValueError(f"judged must be 'samples' or 'best_so_far', got {judged!r}")
+
+    def run_share(share: list[dict]) -> list[R]:
+        recs = run([p["prompt"] for p in share], [p["text"] for p in share], [prompt_generator(seed, p["id"]) for p in share])
+        for p, record in zip(share, recs):
+            rec = cast(dict[str, Any], record)  # a TypedDict of the record's kind: these keys are declared there
+            rec["prompt_id"], rec["prompt"] = p["id"], p["text"]
+            if judged == "samples":
+                rec["judges"] = judge_all(judges, [p["text"]] * len(rec["responses"]), rec["responses"])
+            else:
+                answers = [it["best_so_far"]["response"] for it in rec["iterations"]]
+                scores = judge_all(judges, [p["text"]] * len(answers), answers)
+                rec["best_so_far_judges"] = [{j: scores[j][k] for j in scores} for k in range(len(answers))]
+        return recs
+
+    return run_sharded(rows, run_share)
 
 
 def best_of_n_records(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel], rows: list[dict], N: int,
                       seed: int, batch_size: int) -> list[BestOfNRecord]:
-    """Best-of-N records for the prompt ``rows`` (``load_prompts`` rows): N samples each, every
-    prompt seeded by (seed, prompt id), every sample scored by the held-out judges; ``prompt_id``
-    and ``prompt`` filled in. Under ``accelerate launch`` each process runs its share of the prompts
-    and every process gets all records back, in prompt order (:func:`prelogit.shard.run_sharded`).
-    """
-    def run(share: list[dict]) -> list[BestOfNRecord]:
-        recs = run_best_of_n_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], N,
-                                  [prompt_generator(seed, p["id"]) for p in share], batch_size)
-        for p, rec in zip(share, recs):
-            rec["prompt_id"], rec["prompt"] = p["id"], p["text"]
-            rec["judges"] = judge_all(judges, [p["text"]] * len(rec["responses"]), rec["responses"])
-        return recs
-
-    return run_sharded(rows, run)
+    """Best-of-N records for the prompt ``rows``: N samples each, every sample scored by the held-out
+    judges (:func:`prompt_records`)."""
+    return prompt_records(rows, lambda prompts, users, gens: run_best_of_n_many(sampler, reward, prompts, users, N, gens,
+                                                                                batch_size), seed, judges, "samples")
 
 
 def aisp_records(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel], rows: list[dict],
                  config: AISPConfig, seed: int, decode: str | None) -> list[AISPRecord]:
     """AISP records for the prompt ``rows``, all prompts in lockstep (one batched generate and one
-    reward call per iteration), each seeded by (seed, prompt id), decoding given V by ``decode``;
-    the held-out judges score every best-so-far answer (``best_so_far_judges``, one dict per
-    iteration); ``prompt_id`` and ``prompt`` filled in. Sharded as :func:`best_of_n_records`.
-    """
-    def run(share: list[dict]) -> list[AISPRecord]:
-        recs = run_aisp_many(sampler, reward, [p["prompt"] for p in share], [p["text"] for p in share], config,
-                             [prompt_generator(seed, p["id"]) for p in share], decode=decode)
-        for p, rec in zip(share, recs):
-            rec["prompt_id"], rec["prompt"] = p["id"], p["text"]
-            answers = [it["best_so_far"]["response"] for it in rec["iterations"]]
-            scores = judge_all(judges, [p["text"]] * len(answers), answers)
-            rec["best_so_far_judges"] = [{j: scores[j][k] for j in scores} for k in range(len(answers))]
-        return recs
+    reward call per iteration), decoding given V by ``decode``; the held-out judges score every
+    best-so-far answer (:func:`prompt_records`)."""
+    return prompt_records(rows, lambda prompts, users, gens: run_aisp_many(sampler, reward, prompts, users, config, gens,
+                                                                           decode=decode), seed, judges, "best_so_far")
 
-    return run_sharded(rows, run)
+
+#: The cost counters averaged per prompt in a summary; the times go to timing.json.
+COST_KEYS = ("forward_calls", "new_tokens", "reward_calls", "reward_batches")
+
+
+def one_response_summary(records: Sequence[Mapping[str, Any]], judges: Iterable[str], seed: int) -> tuple[dict, dict]:
+    """``(details, headline)`` of a method that gives one response per prompt, recorded next to the base
+    model's greedy response on the same prompt (ARGS, RE-Control), for :func:`prelogit.io.write_stage_metrics`.
+
+    ``details``: the mean reward with its bootstrap CI, the sequence KL to the base model (nats) with its CI,
+    each judge's mean, the distinct-n-gram diversity, the deviation rate from greedy, the share of finished
+    responses, the greedy reward and the paired difference to it, and the cost per prompt
+    (:data:`COST_KEYS`); ``headline``: the few of them ``dvc metrics show`` prints. Every CI resamples
+    prompts with ``seed``. The caller adds its configuration and its own fields.
+    """
+    n = len(records)
+    rewards = torch.tensor([r["reward"] for r in records])
+    mean, lo, hi = bootstrap_ci(rewards, seed=seed)
+    kl_mean, kl_lo, kl_hi = bootstrap_ci(torch.tensor([r["kl"] for r in records]), seed=seed)
+    vs_greedy = paired_difference(rewards, torch.tensor([r["greedy_reward"] for r in records]), seed=seed)
+    details = {
+        "n_prompts": n, "reward": mean, "reward_ci": [lo, hi], "kl": {"mean": kl_mean, "lo": kl_lo, "hi": kl_hi},
+        "judges": {j: sum(r["judges"][j] for r in records) / n for j in judges},
+        "diversity": distinct_ngram_diversity([r["response"] for r in records]),
+        "deviation_rate": sum(r["deviation_rate"] for r in records) / n,
+        "finished_share": sum(r["finished"] for r in records) / n,
+        "greedy_reward": float(torch.tensor([r["greedy_reward"] for r in records]).mean()),
+        "vs_greedy": vs_greedy.as_dict(),
+        "cost_per_prompt": {key: sum(r["cost"][key] for r in records) / n for key in COST_KEYS},
+    }
+    headline = {"n_prompts": n, "reward": mean, "reward_lo": lo, "reward_hi": hi, "greedy_reward": details["greedy_reward"],
+                "vs_greedy": {"mean": vs_greedy.mean, "lo": vs_greedy.lo, "hi": vs_greedy.hi}, "kl": {"mean": kl_mean},
+                "judges": details["judges"], "deviation_rate": details["deviation_rate"], "diversity": details["diversity"]}
+    return details, headline
+
+
+def aisp_and_twins(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel],
+                   variants: Mapping[str, Mapping[str, Any]],
+                   groups: Callable[[Mapping[str, Any]], Sequence[tuple[list[dict], AISPConfig]]],
+                   seed: int) -> tuple[list[AISPRecord], list[AISPRecord], dict[str, float]]:
+    """Each reading's AISP variant and, on the same prompts and noise, its frozen-U twin (U held at 0):
+    AISP - twin is what the adaptation of U adds, twin - best-of-N what the sampler itself does.
+
+    Args:
+        variants: ``{reading: {"decode": its decoding given V, ...}}``, e.g. :func:`prelogit.tune.selected_variants`.
+        groups: for a variant, its ``(prompt rows, config)`` groups, run one after the other
+            (:func:`aisp_records`; an empty group is skipped), then again with each config's twin.
+        seed: with each prompt's id, the key of its noise (:func:`prelogit.engine.prompt_generator`).
+    Returns:
+        ``(records, frozen_records, seconds)``: every record labelled with its ``reading``, in the order of
+        ``variants`` and of the groups; ``seconds`` is ``{"aisp": ..., "frozen": ...}`` (wall clock).
+    """
+    records: list[AISPRecord] = []
+    frozen: list[AISPRecord] = []
+    seconds = {"aisp": 0.0, "frozen": 0.0}
+    for reading, v in variants.items():
+        for kind, out, twin in (("aisp", records, False), ("frozen", frozen, True)):
+            t0 = time.perf_counter()
+            recs = [rec for rows, config in groups(v) if rows
+                    for rec in aisp_records(sampler, reward, judges, rows, frozen_twin(config) if twin else config, seed,
+                                            v["decode"])]
+            seconds[kind] += time.perf_counter() - t0
+            for rec in recs:
+                rec["reading"] = reading
+            out += recs
+    return records, frozen, seconds
 
 
 def bon_curve(records: Sequence[BestOfNRecord], budgets: list[int]) -> list[CurveRow]:
@@ -156,6 +232,11 @@ def aisp_curve(records: Sequence[SearchRecord]) -> list[CurveRow]:
             row.update(judged)
             rows.append(row)
     return rows
+
+
+def reading_curve(records: Sequence[AISPRecord]) -> list[CurveRow]:
+    """:func:`aisp_curve`'s rows of each record, each labelled with the record's ``reading``."""
+    return [{**row, "reading": rec["reading"]} for rec in records for row in aisp_curve([rec])]
 
 
 def mean_by(rows: Sequence[Mapping[str, Any]], key: str, value: str) -> dict[Any, float]:
@@ -198,6 +279,6 @@ def by_iteration(records: Sequence[AISPRecord], ids: set[str] | None = None) -> 
             for k, v in sorted(its.items())}
 
 
-__all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "best_of_n_records", "aisp_records",
-           "bon_curve", "aisp_curve", "mean_by",
+__all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "one_response_summary", "prompt_records", "best_of_n_records",
+           "aisp_records", "aisp_and_twins", "bon_curve", "aisp_curve", "reading_curve", "mean_by",
            "by_iteration", "distinct_ngram_diversity"]

@@ -14,7 +14,7 @@ sampler at equal N rather than with one fixed baseline. An arm (:class:`SamplerA
   pre-logit coordinates (the tune stage measures it), as AISP's sigma is.
 
 :func:`run_arm_many` runs one arm on many prompts and returns records in the format of
-:func:`prelogit.aisp.run_best_of_n_many` (every draw's reward and response kept, so best-of-N'
+:func:`prelogit.engine.run_best_of_n_many` (every draw's reward and response kept, so best-of-N'
 for N' <= N is estimated from the same draws), with ``method: "sampler"`` and the arm's label.
 """
 
@@ -119,14 +119,14 @@ def run_arm_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequenc
         prompts: templated prompts for the LM; user_texts: the user turns the reward sees.
         arm: the sampler to run.
         N: draws per prompt.
-        generators: one RNG per prompt (:func:`prelogit.aisp.prompt_generator`): a temperature
+        generators: one RNG per prompt (:func:`prelogit.engine.prompt_generator`): a temperature
             arm's token uniforms, a noisy-greedy arm's controls V (N, tau, d), drawn at once
             before any decoding. A prompt's record does not depend on its batch-mates.
         rms: the RMS of the pre-logit coordinates (sigma = sigma_rms * rms, pre-logit units);
             read by noisy-greedy arms only.
         batch_size: draws per prompt in one sampler call (default N); the records do not depend on it.
     Returns:
-        Records as :func:`prelogit.aisp.run_best_of_n_many` returns (``N``, ``samples_used``,
+        Records as :func:`prelogit.engine.run_best_of_n_many` returns (``N``, ``samples_used``,
         ``rewards``, ``responses``, ``lengths``, ``best``, ``cost``) with ``method: "sampler"``
         and ``arm``: the arm's label. A temperature arm at T = 1, top_p = 1 on a sampling sampler
         gives exactly best-of-N's records.

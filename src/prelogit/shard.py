@@ -10,7 +10,7 @@ process, nothing is shared out and nothing is gathered: the function runs on all
 as without this module.
 
 Why the records do not depend on the sharding: a prompt's noise and token draws come from its own
-generator, seeded by (seed, prompt id) (:func:`prelogit.aisp.prompt_generator`), and the batched
+generator, seeded by (seed, prompt id) (:func:`prelogit.engine.prompt_generator`), and the batched
 engine keeps a prompt's draws independent of its batch-mates (:mod:`prelogit.sampling`). Which
 process runs a prompt therefore changes only the float rounding of differently shaped batches,
 which cannot flip a draw in float64 and does so very rarely in float32 (``tests/test_shard.py``).

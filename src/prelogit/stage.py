@@ -4,7 +4,7 @@
 
 1. validate ``params.yaml`` for the stage (:func:`prelogit.preflight.check_stage`: values, prompt counts, model sources, device); a bad value
    prints ``error: <message>`` and exits 2 before anything else starts;
-2. empty the staging folder ``results/.staging/STAGE/``, write the stage's flat parameters there
+2. empty the staging folder ``results/.staging/STAGE/``, write the parameters papermill injects there
    and run ``notebooks/STAGE.ipynb`` with papermill, its ``results_dir`` pointing at the staging
    folder, the executed notebook written there too;
 3. scrub papermill's timestamps from the executed notebook and rewrite the staging path in it to
@@ -134,7 +134,7 @@ KERNEL_STARTS = 3
 KERNEL_DIED = "Kernel died before replying to kernel_info"
 
 
-def _execute(stage: str, flat: dict, staging: Path) -> int:
+def _execute(stage: str, parameters: dict, staging: Path) -> int:
     """Run the stage's notebook into ``staging`` (parameters, executed notebook, outputs); 0 on success.
 
     On failure the traceback and then the one-line error are printed and 1 is returned; the
@@ -146,12 +146,12 @@ def _execute(stage: str, flat: dict, staging: Path) -> int:
 
     from .nbtools import relocate, scrub
 
-    final = Path(flat["results_dir"])
+    final = Path(parameters["results_dir"])
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (staging / "params.yaml").write_text(yaml.safe_dump(flat, sort_keys=True))
+    (staging / "params.yaml").write_text(yaml.safe_dump(parameters, sort_keys=True))
     executed = staging / f"{stage}.ipynb"
-    injected = dict(sorted({**flat, "results_dir": str(staging)}.items()))  # sorted, as in params.yaml
+    injected = dict(sorted({**parameters, "results_dir": str(staging)}.items()))  # sorted, as in params.yaml
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         for attempt in range(1, KERNEL_STARTS + 1):
@@ -314,18 +314,18 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", worker: bool 
             return 1
     try:
         all_params = params.load(params_path)
-        flat = preflight.check_stage(stage, all_params)
+        parameters = preflight.check_stage(stage, all_params)
         # check_stage has checked the launch section of a generating stage (prelogit.launch.check)
         launch = all_params["launch"] if params.stages()[stage].sharded else {"launcher": "python"}
     except ParameterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    final = Path(flat["results_dir"])
+    final = Path(parameters["results_dir"])
     if worker:  # one of the launched processes: execute only; the launching process publishes
-        return _execute(stage, flat, rank_dir(stage, launcher.worker_rank() or 0))
+        return _execute(stage, parameters, rank_dir(stage, launcher.worker_rank() or 0))
     if launch["launcher"] == "python":
         staging = staging_dir(stage)
-        code = _execute(stage, flat, staging)
+        code = _execute(stage, parameters, staging)
         return _published(stage, staging, final) if code == 0 else code
 
     shutil.rmtree(staging_dir(stage), ignore_errors=True)

@@ -399,6 +399,24 @@ class Sweep:
     extra: dict
 
 
+def seed_stats(x: torch.Tensor | Sequence[float]) -> tuple[float, float, int]:
+    """Mean over seeds (dim 0), its standard error and its degrees of freedom (float64)."""
+    x = torch.as_tensor(x, dtype=F64)
+    return float(x.mean()), float(x.std() / math.sqrt(x.shape[0])), x.shape[0] - 1
+
+
+def ess_points(sweep: Sweep, n_seeds: int) -> list[tuple[float, float, int, ESSPrediction, bool]]:
+    """Per grid value of an ESS sweep: ``(mean, se, df, prediction, testable)``, the ESS / n averaged over the
+    seeds with its standard error and degrees of freedom (:func:`seed_stats`), the asymptotic prediction, and
+    whether ``n_seeds`` runs can check it (:func:`ess_testable`)."""
+    points = []
+    for j in range(len(sweep.grid)):
+        p = sweep.prediction[j]
+        m, se, df = seed_stats(sweep.ess_fraction[:, j])
+        points.append((m, se, df, p, ess_testable(p, n_seeds)))
+    return points
+
+
 def ess_vs_lam(D: int, sigma: float, lam_ratios: Sequence[float], n: int, n_seeds: int,
                generator: torch.Generator) -> Sweep:
     """ESS and the best-of-n limit as lambda shrinks: linear reward, sampled at U = 0.

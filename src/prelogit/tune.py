@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .aisp import AISPConfig, run_aisp_many
@@ -186,6 +187,28 @@ def arm_config(arm: dict, rms: float, max_new_tokens: int, N: int) -> AISPConfig
 
 
 Evaluate = Callable[[list[int], list[str]], dict[tuple[int, str], float]]
+
+
+def selected_variants(selected: Mapping[str, Any], max_new_tokens: int, N: int, final_rollout: bool,
+                      sigma: float | None = None) -> dict[str, dict[str, Any]]:
+    """Each reading's AISP variant at budget ``N``, as the tune stage selected it (``results/tune/selected.json``).
+
+    ``sigma`` (``aisp.sigma``), when given, pins every reading's sigma (pre-logit units) instead of the tuned
+    one, sigma_rms x the pre-logit RMS that the tune stage measured.
+
+    Returns:
+        ``{reading: {"selected": its entry of the file, "cfg": its :class:`AISPConfig` (:func:`arm_config`
+        with ``final_rollout``, and ``sigma`` if given), "decode": its decoding given V}}``, in the file's
+        order of the readings.
+    """
+    variants = {}
+    for reading, sel in selected["readings"].items():
+        cfg = replace(arm_config(sel["arm"], sel["rms"], max_new_tokens, N), final_rollout=final_rollout)
+        if sigma is not None:
+            check_number("aisp.sigma", sigma, low=0, low_open=True)
+            cfg = replace(cfg, sigma=sigma)
+        variants[reading] = {"selected": sel, "cfg": cfg, "decode": sel["decode"]}
+    return variants
 
 
 def successive_halving(n_arms: int, prompt_ids: list[str], rungs: list[int], eta: int, evaluate: Evaluate) -> dict:
