@@ -24,6 +24,15 @@ def test_injected_keys_match_the_notebook_parameters_cell(stage):
     assert injected == declared, {"not declared": injected - declared, "not injected": declared - injected}
 
 
+def test_injected_sections_are_params_yamls_whole_and_copies():
+    injected = params.stage_parameters("aisp", PARAMS, ROOT)
+    assert [k for k in injected if k in params.SCHEMA] == ["aisp", "model", "generation", "reward"]  # own section first
+    assert all(injected[s] == PARAMS[s] for s in ("aisp", "model", "generation", "reward"))
+    injected["model"]["dtype"] = "float64"  # the injected mapping is the stage's own: params.yaml's stays as it was
+    assert PARAMS["model"]["dtype"] != "float64"
+    assert injected["prompts_path"] == "results/prepare/prompts.jsonl" and injected["results_dir"] == "results/aisp"
+
+
 def test_stages_are_dvc_yamls_notebook_stages():
     # the other stages run a script (the frozen benchmarks) and have no parameters to check
     notebook_stages = {s for s, spec in DVC["stages"].items() if spec["cmd"].startswith("python -m prelogit.stage ")}

@@ -1,6 +1,7 @@
 """The tune stage's search: candidate arms, their configs, successive halving and batched runs."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -12,7 +13,7 @@ from toy_rewards import VowelShare
 
 from prelogit.misvo import MISVOConfig, run_misvo_many
 from prelogit.tune import (FACTORS, arm_config, candidate_arms, claim_arms, halving_within, one_factor_arms,
-                           reading_arms, run_arms, run_pairs, successive_halving)
+                           reading_arms, run_arms, run_pairs, selected_variants, successive_halving)
 
 CENTER = {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.0, "alpha_mode": "mppi", "tau": 8,
           "n": 16, "decode": "sample"}
@@ -342,3 +343,28 @@ def test_run_pairs_in_one_process_is_run_arms(tiny_lm64, tokenizer):
         run_pairs(s, VowelShare(), configs, by_id, [(0, "q0"), (0, "q9")], seed=5)
     with pytest.raises(ParameterError, match="config index 3"):
         run_pairs(s, VowelShare(), configs, by_id, [(3, "q0")], seed=5)
+
+
+SELECTED = {"readings": {
+    "sample": {"label": "sample: center", "rms": 2.0, "decode": "sample",
+               "arm": {"sigma_rms": 0.25, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.5, "alpha_mode": "mppi", "tau": 8,
+                       "n": 16, "decode": "sample"}},
+    "greedy": {"label": "greedy: center", "rms": 2.0, "decode": "greedy",
+               "arm": {"sigma_rms": 0.5, "lam": 0.1, "lam_mode": "absolute", "alpha": 0.99, "alpha_mode": "mppi",
+                       "tau": "full", "n": 8, "decode": "greedy"}}}}
+
+
+def test_selected_variants_are_the_tuned_configs_and_aisp_sigma_pins_sigma_alone():
+    tuned = selected_variants(SELECTED, 16, 64, final_rollout=True)
+    assert list(tuned) == ["sample", "greedy"]  # the file's order: the first reading is the detailed one
+    for reading, v in tuned.items():
+        sel = SELECTED["readings"][reading]
+        assert v["decode"] == sel["decode"] and v["selected"] is sel
+        assert v["cfg"] == replace(arm_config(sel["arm"], sel["rms"], 16, 64), final_rollout=True)
+    assert tuned["greedy"]["cfg"].sigma == 0.5 * 2.0 and tuned["greedy"]["cfg"].tau == 16  # sigma_rms x RMS; full
+    pinned = selected_variants(SELECTED, 16, 64, final_rollout=True, sigma=0.3)
+    for reading, v in pinned.items():
+        assert v["cfg"].sigma == 0.3  # the one key that sets the test runs' sigma, in pre-logit units
+        assert replace(v["cfg"], sigma=tuned[reading]["cfg"].sigma) == tuned[reading]["cfg"]  # and nothing else
+    with pytest.raises(ParameterError, match="aisp.sigma"):
+        selected_variants(SELECTED, 16, 64, final_rollout=True, sigma=0.0)
