@@ -53,7 +53,7 @@ def test_aisp_record_is_consistent(sampler):
         w = torch.tensor(it["weights"][0])
         assert w.shape == (4,) and math.isclose(float(w.sum()), 1.0, rel_tol=1e-5)
         assert 1 - 1e-9 <= it["ess"][0] <= 4 + 1e-9
-        assert math.isclose(it["kl"][0], it["U_norm"][0] ** 2 / (2 * 0.5**2), rel_tol=1e-4)
+        assert math.isclose(it["kl_control"][0], it["U_norm"][0] ** 2 / (2 * 0.5**2), rel_tol=1e-4)
     assert rec["cost"]["generations"] == 12 + 1 and rec["cost"]["reward_calls"] == 13  # + final rollout
     assert len(rec["final_rollout"]["responses"]) == 1
 
@@ -106,7 +106,7 @@ def test_batched_chains(sampler):
     assert rec["samples_used"] == 12
     it = rec["iterations"][0]
     assert len(it["rewards"]) == 3 and len(it["weights"]) == 3 and len(it["responses"]) == 6
-    assert len(rec["final_rollout"]["responses"]) == 3 and len(rec["kl_final"]) == 3
+    assert len(rec["final_rollout"]["responses"]) == 3 and len(rec["kl_control_final"]) == 3
     assert rec["iterations"][-1]["samples_so_far"] == 12
 
 

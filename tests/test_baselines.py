@@ -109,7 +109,7 @@ def test_args_greedy_kl_is_the_base_models_nll(tiny_lm, tokenizer):
     for w in (0.0, 1e4):
         res = args_generate(tiny_lm, tokenizer, prompt, user, LetterCount("e"), k=10, w=w, max_new_tokens=10)
         assert res.kl_steps.dtype == torch.float64 and res.kl_steps.shape == res.tokens.shape
-        assert res.kl == float(res.kl_steps.sum()) and res.as_dict()["kl"] == res.kl
+        assert res.kl == float(res.kl_steps.sum()) and res.as_dict()["kl_sequence"] == res.kl
         assert res.kl == pytest.approx(base_nll(tiny_lm, tokenizer, prompt, res.tokens), abs=KL_ATOL, rel=0), w
         assert (res.deviation_rate > 0) == (w > 0)
 

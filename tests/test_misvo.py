@@ -227,14 +227,14 @@ def test_record_is_consistent(sampler):
     assert bests == sorted(bests) and rec["best"]["reward"] == bests[-1]
     assert rec["best"]["reward"] == max(r for it in its for r in it["rewards"])
     assert rec["best"]["response"] == its[rec["best"]["step"] - 1]["responses"][rec["best"]["index"]]
-    assert its[0]["u_norm"] == 0 and its[0]["kl"] == [0.0] * 3
+    assert its[0]["u_norm"] == 0 and its[0]["kl_sequence"] == [0.0] * 3
     for a, b in zip(its, its[1:]):
         assert b["u_norm"] == a["u_norm_next"]
-    assert its[1]["u_norm"] > 0 and all(x > 0 for x in its[1]["kl"])
-    assert math.isclose(its[1]["kl_mean"], sum(its[1]["kl"]) / 3, rel_tol=1e-12)
+    assert its[1]["u_norm"] > 0 and all(x > 0 for x in its[1]["kl_sequence"])
+    assert math.isclose(its[1]["kl_sequence_mean"], sum(its[1]["kl_sequence"]) / 3, rel_tol=1e-12)
     # the final rollout (one response from the final u) is logged and costed apart from the K * N budget
     fin = rec["final_rollout"]
-    assert len(fin["responses"]) == len(fin["rewards"]) == len(fin["kl"]) == 1 and fin["kl"][0] > 0
+    assert len(fin["responses"]) == len(fin["rewards"]) == len(fin["kl_sequence"]) == 1 and fin["kl_sequence"][0] > 0
     assert fin["u_norm"] == its[-1]["u_norm_next"]
     assert rec["cost"]["generations"] == 10 and rec["cost"]["reward_calls"] == 10 and rec["cost"]["reward_batches"] == 4
     off = run_misvo(sampler, Vowels(), PROMPT, PROMPT, MISVOConfig(eta=50.0, lam=1.0, K=3, N=3, final_rollout=False),
@@ -321,7 +321,7 @@ def test_driver_follows_the_update_rule(tiny_lm64, tokenizer, temperature):
         assert it["responses"] == g.texts and it["rewards"] == r.tolist()
         if ref is None:
             ref = (g.prelogits, torch.arange(g.tokens.shape[1])[None] < g.lengths[:, None])
-        assert it["kl"] == sequence_kl(W, None, g.prelogits, applied.double(), g.lengths, temperature).tolist()
+        assert it["kl_sequence"] == sequence_kl(W, None, g.prelogits, applied.double(), g.lengths, temperature).tolist()
         A = loo_advantages(r)
         grad = score_gradient(W, None, g.prelogits, applied.double(), g.tokens, g.lengths, A, temperature)
         Fu = fisher_vector_product(W, None, *ref, u, temperature)

@@ -65,11 +65,11 @@ def test_aisp_record_has_the_declared_keys(sampler):
         assert_keys(it, AISPIteration)
         assert_keys(it["best_so_far"], AISPBest)
         assert len(it["rewards"]) == len(it["weights"]) == cfg.B and len(it["responses"]) == cfg.B * cfg.n
-        # kl: the control-space KL of the mean after the update, ||U||^2 / (2 sigma^2)
-        for kl, u in zip(it["kl"], it["U_norm"]):
+        # kl_control: the control-space KL of the mean after the update, ||U||^2 / (2 sigma^2)
+        for kl, u in zip(it["kl_control"], it["U_norm"]):
             assert math.isclose(kl, u**2 / (2 * cfg.sigma**2), rel_tol=1e-4)
-    assert rec["kl_final"] == rec["iterations"][-1]["kl"]  # the same quantity of the same final U
-    assert len(rec["final_rollout"]["kl"]) == cfg.B
+    assert rec["kl_control_final"] == rec["iterations"][-1]["kl_control"]  # the same quantity of the same final U
+    assert len(rec["final_rollout"]["kl_sequence"]) == cfg.B
 
 
 def test_best_of_n_and_sampler_records_have_the_declared_keys(sampler):
@@ -98,7 +98,7 @@ def test_misvo_record_has_the_declared_keys(sampler):
     for it in rec["iterations"]:
         assert_keys(it, MISVOIteration)
         assert_keys(it["best_so_far"], MISVOBest)
-    assert rec["iterations"][0]["kl"] == [0.0] * cfg.K  # u = 0 at step 1
+    assert rec["iterations"][0]["kl_sequence"] == [0.0] * cfg.K  # u = 0 at step 1
 
 
 def test_stage_helpers_fill_the_optional_keys_and_the_curves_rows(sampler):
@@ -110,14 +110,14 @@ def test_stage_helpers_fill_the_optional_keys_and_the_curves_rows(sampler):
     aisp = runs.aisp_records(sampler, VowelShare(), judges, rows, cfg, 0, None)
     assert_keys(aisp[0], AISPRecord, filled=["prompt_id", "prompt", "best_so_far_judges"])
     assert aisp[0]["final_rollout"] is None
-    fixed = {"N", "prompt_id", "reward", "kl"}
+    fixed = {"N", "prompt_id", "reward"}
     for row in runs.bon_curve(bon, [1, 2, 4]):
-        assert set(row) == fixed | set(judges)
-        assert row["kl"] == kl_best_of_n(row["N"])  # best-of-N's bound
+        assert set(row) == fixed | {"kl_bound"} | set(judges) and runs.curve_judges(row) == list(judges)
+        assert row["kl_bound"] == kl_best_of_n(row["N"])  # best-of-N's bound
     curve = runs.aisp_curve(aisp)
     assert [row["N"] for row in curve] == [2, 4]
     for row, it in zip(curve, aisp[0]["iterations"]):
-        assert set(row) == fixed | set(judges)
-        assert row["kl"] == sum(it["kl"]) / len(it["kl"])  # the control-space KL, mean over chains
+        assert set(row) == fixed | {"kl_control"} | set(judges) and runs.curve_judges(row) == list(judges)
+        assert row["kl_control"] == sum(it["kl_control"]) / len(it["kl_control"])  # the control-space KL, mean over chains
     for row in curve + runs.bon_curve(bon, [4]):
         assert all(isinstance(v, (int, float, str)) for v in row.values())  # records.CurveRow

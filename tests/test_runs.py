@@ -82,7 +82,7 @@ def summary_records() -> list[dict]:
     recs = []
     for i, (r, g, kl, resp) in enumerate(zip(REWARDS, GREEDY, KLS, RESPONSES)):
         recs.append({
-            "reward": r, "greedy_reward": g, "kl": kl, "response": resp,
+            "reward": r, "greedy_reward": g, "kl_sequence": kl, "response": resp,
             "judges": {"a": r / 2, "b": float(i), "unused": 100.0},
             "deviation_rate": [0.0, 0.25, 0.5, 1.0][i % 4], "finished": i % 3 == 0,
             # extra cost keys (generations, the times) must not reach cost_per_prompt
@@ -102,8 +102,8 @@ def test_one_response_summary_details_are_the_hand_computed_means():
     assert details["reward"] == sum(REWARDS) / n
     lo, hi = details["reward_ci"]
     assert lo < details["reward"] < hi  # 12 distinct rewards: the 95% interval has width
-    assert details["kl"]["mean"] == sum(KLS) / n
-    assert details["kl"]["lo"] < details["kl"]["mean"] < details["kl"]["hi"]
+    assert details["kl_sequence"]["mean"] == sum(KLS) / n
+    assert details["kl_sequence"]["lo"] < details["kl_sequence"]["mean"] < details["kl_sequence"]["hi"]
     assert details["judges"] == {"a": sum(REWARDS) / 2 / n, "b": sum(range(n)) / n}
     assert details["diversity"] == distinct_ngram_diversity(RESPONSES)
     assert 0 < details["diversity"] < 1  # some responses repeat n-grams, some do not
@@ -124,12 +124,12 @@ def test_one_response_summary_details_are_the_hand_computed_means():
 def test_one_response_summary_headline_repeats_the_details():
     """headline: the keys ``dvc metrics show`` prints, each the same number as in details."""
     details, headline = one_response_summary(summary_records(), ["a"], seed=3)
-    assert set(headline) == {"n_prompts", "reward", "reward_lo", "reward_hi", "greedy_reward", "vs_greedy", "kl",
+    assert set(headline) == {"n_prompts", "reward", "reward_lo", "reward_hi", "greedy_reward", "vs_greedy", "kl_sequence",
                              "judges", "deviation_rate", "diversity"}
     assert [headline["reward_lo"], headline["reward_hi"]] == details["reward_ci"]
     assert headline["reward"] == details["reward"] and headline["greedy_reward"] == details["greedy_reward"]
     assert headline["vs_greedy"] == {k: details["vs_greedy"][k] for k in ("mean", "lo", "hi")}
-    assert headline["kl"] == {"mean": details["kl"]["mean"]} and headline["judges"] == details["judges"] == {"a": 0.375}
+    assert headline["kl_sequence"] == {"mean": details["kl_sequence"]["mean"]} and headline["judges"] == details["judges"] == {"a": 0.375}
     assert (headline["deviation_rate"], headline["diversity"]) == (details["deviation_rate"], details["diversity"])
 
 
@@ -141,7 +141,7 @@ def test_one_response_summary_is_deterministic_for_a_seed():
     assert a == b
     assert c[0]["reward"] == a[0]["reward"]
     assert c[0]["reward_ci"] != a[0]["reward_ci"]
-    assert (c[0]["kl"]["lo"], c[0]["kl"]["hi"]) != (a[0]["kl"]["lo"], a[0]["kl"]["hi"])
+    assert (c[0]["kl_sequence"]["lo"], c[0]["kl_sequence"]["hi"]) != (a[0]["kl_sequence"]["lo"], a[0]["kl_sequence"]["hi"])
     assert (c[0]["vs_greedy"]["lo"], c[0]["vs_greedy"]["hi"]) != (a[0]["vs_greedy"]["lo"], a[0]["vs_greedy"]["hi"])
 
 
@@ -353,7 +353,7 @@ def test_args_records_are_args_and_greedy_per_prompt(args_run):
                                  generators=[prompt_generator(3, p["id"])], **ARGS_KW)[0]
         assert rec["response"] == res.text and rec["tokens"] == res.tokens.tolist()
         assert rec["chosen"] == res.chosen.tolist() and rec["deviation_rate"] == res.deviation_rate
-        assert rec["kl"] == res.kl and math.isfinite(rec["kl"]) and rec["kl"] >= 0
+        assert rec["kl_sequence"] == res.kl and math.isfinite(rec["kl_sequence"]) and rec["kl_sequence"] >= 0
         assert rec["reward"] == float(rec["response"].lower().count("e"))
         assert rec["judges"] == {"vowels": float(VowelShare().score([p["text"]], [res.text])[0]),
                                  "length": float(len(res.text))}
@@ -398,7 +398,7 @@ def test_recontrol_records_steer_and_keep_greedy_as_reference(tiny_lm64, tokeniz
             assert rec["reward"] == float(rec["response"].lower().count("e"))
             assert rec["judges"] == {"vowels": float(VowelShare().score([p["text"]], [rec["response"]])[0]),
                                      "length": float(len(rec["response"]))}
-            assert math.isfinite(rec["kl"]) and rec["kl"] >= 0
+            assert math.isfinite(rec["kl_sequence"]) and rec["kl_sequence"] >= 0
             assert rec["config"] == {"step_size": 100.0, "n_steps": n_steps, "max_new_tokens": 4}
     for rec in plain:
         assert rec["deviation_rate"] == 0.0 and rec["response"] == rec["greedy_response"]

@@ -30,9 +30,10 @@ def search_record(lengths: list[list[int]], answers: list[str]) -> dict:
 SEARCH = {"p0": search_record([[4, 6], [8, 2]], [LO, HI]), "p1": search_record([[1, 1], [3, 1]], [HI, HI])}
 
 
-def rows(values: dict[int, dict[str, float]], **extra) -> list[dict]:
-    """Curve rows with the given rewards per (N, prompt); vader = reward / 10, kl = reward / 100."""
-    return [{"N": N, "prompt_id": p, "reward": v, "vader": v / 10, "kl": v / 100, **extra}
+def rows(values: dict[int, dict[str, float]], kind: str = "control", **extra) -> list[dict]:
+    """Curve rows with the given rewards per (N, prompt); vader = reward / 10, and the KL of the
+    curve's kind (its key ``kl_<kind>``, as the stages write them) = reward / 100."""
+    return [{"N": N, "prompt_id": p, "reward": v, "vader": v / 10, f"kl_{kind}": v / 100, **extra}
             for N, by in values.items() for p, v in by.items()]
 
 
@@ -79,14 +80,14 @@ def test_method_row_keys_order_and_means():
 
 
 def _method_table() -> list[dict]:
-    bon_curve = rows({2: {"p0": 1.0, "p1": 3.0, "p2": 100.0}, 4: {"p0": 2.0, "p1": 4.0, "p2": 100.0}})
+    bon_curve = rows({2: {"p0": 1.0, "p1": 3.0, "p2": 100.0}, 4: {"p0": 2.0, "p1": 4.0, "p2": 100.0}}, "bound")
     aisp_curve = rows({2: {"p0": 2.0, "p1": 4.0}, 4: {"p0": 5.0, "p1": 7.0}})
     frozen_curve = rows({2: {"p0": 2.0, "p1": 4.0}, 4: {"p0": 3.0, "p1": 3.0}})
-    sampler_curve = rows({4: {"p0": 1.0, "p1": 1.0}, 8: {"p0": 9.0, "p1": 9.0}})  # N = 8 is not a budget
-    misvo_curve = rows({4: {"p0": 6.0, "p1": 6.0}})
+    sampler_curve = rows({4: {"p0": 1.0, "p1": 1.0}, 8: {"p0": 9.0, "p1": 9.0}}, "bound")  # N = 8 is not a budget
+    misvo_curve = rows({4: {"p0": 6.0, "p1": 6.0}}, "sequence")
     lit_curve = (rows({4: {"p0": 1.0, "p1": 2.0}, 2: {"p0": 9.0}}, lit_lam=0.1)
                  + rows({4: {"p0": 3.0}}, lit_lam=1.0))
-    args = ({"judges": {"vader": 0.7}, "diversity": 0.6, "kl": {"mean": 20.0},
+    args = ({"judges": {"vader": 0.7}, "diversity": 0.6, "kl_sequence": {"mean": 20.0},
              "cost_per_prompt": {"forward_calls": 16.0, "reward_calls": 160.0}}, [{"reward": 1.0}, {"reward": 3.0}])
     return tables.method_table(
         budgets=[2, 4], judges=["vader"], batch_size=2, ci=CI, bon=(bon_curve, BON),
@@ -139,11 +140,11 @@ def test_method_table_markdown_has_a_header_and_one_line_per_row():
 def _kl_table() -> list[dict]:
     bon_samples = [{"rewards": [1.0, 2.0, 3.0, 4.0, 100.0]}, {"rewards": [0.0, 0.0, 0.0, 4.0, 100.0]}]
     bon_curve = rows({1: {"p0": 1.0, "p1": 0.0}, 2: {"p0": 2.0, "p1": 0.0}, 4: {"p0": 4.0, "p1": 4.0}})
-    finals = [("AISP: final U", [{"final_rollout": {"rewards": [1.0], "kl": [10.0]}},
-                                 {"final_rollout": {"rewards": [3.0], "kl": [20.0]}}, {"prompt_id": "p2"}]),
+    finals = [("AISP: final U", [{"final_rollout": {"rewards": [1.0], "kl_sequence": [10.0]}},
+                                 {"final_rollout": {"rewards": [3.0], "kl_sequence": [20.0]}}, {"prompt_id": "p2"}]),
               ("never rolled out", [{"final_rollout": None}, {}])]
     return tables.kl_table(ci=CI, bon_samples=bon_samples, bon_curve=bon_curve, full_budgets=[1, 2, 4], finals=finals,
-                           baselines={"ARGS": [{"reward": 1.0, "kl": 2.0}, {"reward": 3.0, "kl": 4.0}]})
+                           baselines={"ARGS": [{"reward": 1.0, "kl_sequence": 2.0}, {"reward": 3.0, "kl_sequence": 4.0}]})
 
 
 def test_kl_table_rows():
@@ -170,9 +171,9 @@ def test_kl_table_markdown_lines():
 
 
 def test_misvo_steps_average_over_prompts():
-    samples = [{"iterations": [{"rewards": [1.0, 3.0], "kl_mean": 0.0}, {"rewards": [4.0, 4.0], "kl_mean": 0.2}]},
-               {"iterations": [{"rewards": [0.0, 0.0], "kl_mean": 0.0}, {"rewards": [2.0, 0.0], "kl_mean": 0.4}]}]
+    samples = [{"iterations": [{"rewards": [1.0, 3.0], "kl_sequence_mean": 0.0}, {"rewards": [4.0, 4.0], "kl_sequence_mean": 0.2}]},
+               {"iterations": [{"rewards": [0.0, 0.0], "kl_sequence_mean": 0.0}, {"rewards": [2.0, 0.0], "kl_sequence_mean": 0.4}]}]
     steps = tables.misvo_steps(samples)
     assert [s["step"] for s in steps] == [1, 2]
     assert steps[0]["reward"] == pytest.approx(1.0) and steps[1]["reward"] == pytest.approx(2.5)
-    assert steps[0]["kl"] == 0.0 and steps[1]["kl"] == pytest.approx(0.3)
+    assert steps[0]["kl_sequence"] == 0.0 and steps[1]["kl_sequence"] == pytest.approx(0.3)

@@ -157,7 +157,7 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                            "chain": i_best // n}
             rec: AISPIteration = {
                 "k": k, "samples_so_far": B * n * k, "rewards": r.tolist(), "responses": g.texts,
-                "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl": [],
+                "lengths": g.lengths.tolist(), "weights": [], "ess": [], "lam_eff": [], "U_norm": [], "kl_control": [],
                 "sd_reward_term": [], "sd_lr_term": [], "best_so_far": cast(AISPBest, dict(best[p]))}
             for b in range(B):
                 lam_eff = c.lam if c.lam_mode == "absolute" else c.lam * max(float(r[b].std(unbiased=False)), 1e-8)
@@ -171,7 +171,7 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                 rec["ess"].append(effective_sample_size(w))
                 rec["lam_eff"].append(lam_eff)
                 rec["U_norm"].append(float(U[p][b].norm()))
-                rec["kl"].append(float(kl_to_base(U[p][b], c.sigma)))
+                rec["kl_control"].append(float(kl_to_base(U[p][b], c.sigma)))
             iterations[p].append(rec)
     finals: list[AISPFinalRollout | None] = [None] * P
     if final_rollout:
@@ -179,11 +179,11 @@ def run_aisp_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Sequen
                          record_kl=True)
         scores = score(reward, user_texts, gens, meters)
         # g.kl is set: record_kl=True
-        finals = [{"responses": g.texts, "rewards": s.tolist(), "kl": cast(torch.Tensor, g.kl).tolist()}
+        finals = [{"responses": g.texts, "rewards": s.tolist(), "kl_sequence": cast(torch.Tensor, g.kl).tolist()}
                   for g, s in zip(gens, scores)]
     return [{"method": "aisp", "config": cast(AISPConfigDict, asdict(cfgs[p])), "samples_used": cfgs[p].budget,
              "best": best[p], "iterations": iterations[p], "final_rollout": finals[p],
-             "kl_final": [float(kl_to_base(U[p][b], cfgs[p].sigma)) for b in range(B)], "cost": meters[p].as_dict()}
+             "kl_control_final": [float(kl_to_base(U[p][b], cfgs[p].sigma)) for b in range(B)], "cost": meters[p].as_dict()}
             for p in range(P)]
 
 
@@ -203,9 +203,9 @@ def run_aisp(sampler: PrelogitSampler, reward: RewardModel, prompt: str, user_te
         the sds over the n samples of the log-weights' reward and likelihood-ratio terms
         (``sd_reward_term``, ``sd_lr_term``: :func:`prelogit.control.log_weight_terms`, U before the
         update), the responses, and the best-so-far), ``final_rollout`` (per chain: the response generated from
-        the final mean U without noise, its reward and ``kl``, the Monte-Carlo term of the
+        the final mean U without noise, its reward and ``kl_sequence``, the Monte-Carlo term of the
         sequence-level KL(pi_U || pi_ref) of the policy steered by U; see
-        :attr:`prelogit.sampling.Generation.kl`), ``kl_final`` (the control-space KL(Q_U || P) of the
+        :attr:`prelogit.sampling.Generation.kl`), ``kl_control_final`` (the control-space KL(Q_U || P) of the
         final mean, per chain) and the cost counters. Every field, its shape and unit:
         :class:`prelogit.records.AISPRecord`.
     """

@@ -93,7 +93,7 @@ class ArgsResult:
 
     def as_dict(self) -> dict:
         return {"response": self.text, "tokens": self.tokens.tolist(), "finished": self.finished,
-                "chosen": self.chosen.tolist(), "deviation_rate": self.deviation_rate, "kl": self.kl,
+                "chosen": self.chosen.tolist(), "deviation_rate": self.deviation_rate, "kl_sequence": self.kl,
                 "cost": self.cost.as_dict()}
 
 
@@ -211,7 +211,7 @@ def args_records(sampler: PrelogitSampler, reward: Any, judges: Mapping[str, Any
             "prompt_id": p["id"], "prompt": p["text"], "response": res.text, "reward": r_args,
             "judges": {j: v[0] for j, v in scores.items()},
             "tokens": res.tokens.tolist(), "finished": res.finished, "chosen": res.chosen.tolist(),
-            "deviation_rate": res.deviation_rate, "kl": res.kl,
+            "deviation_rate": res.deviation_rate, "kl_sequence": res.kl,
             "forward_calls": res.forward_calls, "reward_calls": res.reward_calls, "cost": res.cost.as_dict(),
             "greedy_response": greedy, "greedy_reward": r_greedy,
             "config": {"k": k, "w": w, "decode": decode, "temperature": temperature, "max_new_tokens": sampler.max_new_tokens},

@@ -311,10 +311,10 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         Per prompt: ``method`` ("misvo"), ``config``, ``samples_used`` (K * N), ``best`` (reward,
         response, step, index), ``iterations`` (per step k = 1..N: ``samples_so_far`` = K * k, the
         K rewards, responses and lengths, ``u_norm`` (||u|| of the control these samples were drawn
-        with), ``grad_norm`` (||g||), ``u_norm_next`` (after the update), ``kl`` (the K per-sample
+        with), ``grad_norm`` (||g||), ``u_norm_next`` (after the update), ``kl_sequence`` (the K per-sample
         Monte-Carlo terms of KL(pi_u || pi_ref) of this step's samples, see :func:`sequence_kl`;
-        0 at step 1), ``kl_mean`` and ``best_so_far``), ``final_rollout`` (None, or the response
-        generated from the final u, its reward and its ``kl`` term, recorded by the sampler), and
+        0 at step 1), ``kl_sequence_mean`` and ``best_so_far``), ``final_rollout`` (None, or the response
+        generated from the final u, its reward and its ``kl_sequence`` term, recorded by the sampler), and
         ``cost`` (as for AISP). ``best_so_far`` after step k is the answer of MISVO with N = k. Every
         field, its shape and unit: :class:`prelogit.records.MISVORecord`.
     Raises:
@@ -368,7 +368,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
             rec = cast(MISVOIteration, {
                 "k": k, "samples_so_far": K * k, "rewards": r.tolist(), "responses": g.texts,
                 "lengths": g.lengths.tolist(), "u_norm": float(U[p].norm()), "grad_norm": float(grad.norm()),
-                "kl": kl.tolist(), "kl_mean": float(kl.mean()), "best_so_far": dict(best[p])})
+                "kl_sequence": kl.tolist(), "kl_sequence_mean": float(kl.mean()), "best_so_far": dict(best[p])})
             U[p] = U[p] + c.eta * step
             rec["u_norm_next"] = float(U[p].norm())
             iterations[p].append(rec)
@@ -378,7 +378,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
                          generators=generators, decode="sample", record_kl=True)
         scores = score(reward, user_texts, gens, meters)
         # g.kl is set: record_kl=True
-        finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl": cast(torch.Tensor, g.kl).tolist(),
+        finals = [{"responses": g.texts, "rewards": s_.tolist(), "kl_sequence": cast(torch.Tensor, g.kl).tolist(),
                    "u_norm": float(u.norm())} for g, s_, u in zip(gens, scores, U)]
     return [{"method": "misvo", "config": cast(MISVOConfigDict, asdict(cfgs[p])), "samples_used": cfgs[p].budget,
              "best": best[p], "iterations": iterations[p], "final_rollout": finals[p], "cost": meters[p].as_dict()}

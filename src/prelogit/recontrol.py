@@ -373,7 +373,7 @@ def recontrol_records(sampler: PrelogitSampler, reward: Any, judges: Mapping[str
             "tokens": tokens.tolist(), "finished": bool(g.finished[0]),
             "deviation_rate": deviation, "replay_agreement": replay,
             "forward_calls": meter.forward_calls, "reward_calls": meter.reward_calls,
-            "value_grad_steps": g.meta["value_grad_steps"], "cost": meter.as_dict(), "kl": float(kl[0]),
+            "value_grad_steps": g.meta["value_grad_steps"], "cost": meter.as_dict(), "kl_sequence": float(kl[0]),
             "value_before": before, "value_after": after,
             "value_gain": (sum(after) - sum(before)) / len(before),
             "greedy_response": greedy, "greedy_reward": r_greedy, "differs_from_greedy": text != greedy,

@@ -21,25 +21,23 @@ notebooks' ``reading`` and ``lit_lam``) are :data:`~typing.NotRequired`; each sa
 Units: rewards and judge scores in their model's units; KL in nats; norms of controls in pre-logit
 units (the LM head's input); lengths in generated tokens (EOS included); times in seconds.
 
-The key names are frozen until the pipeline's next full re-run: the records are written as they
-are to the JSON files under ``results/``, which must stay byte-identical until then. In particular
-the name ``kl`` is overloaded; it means three different quantities:
+Each kind of KL has a key of its own, so a key never changes meaning with its producer:
 
-- control-space KL(Q_U || P) = ||U||^2 / (2 sigma^2) of a Gaussian proposal mean U
-  (:func:`prelogit.theory.kl_to_base`): :attr:`AISPIteration.kl` (and ``kl_final`` of
-  :class:`AISPRecord`, the same quantity for the final U), and so the ``kl`` of
-  :func:`prelogit.runs.aisp_curve`'s rows built from AISP records;
-- Monte-Carlo terms of the sequence-level KL(pi || pi_ref) of a steered policy against the base
-  model, each the exact token-level KL summed over one sampled response's tokens:
-  :attr:`AISPFinalRollout.kl` and :attr:`MISVOFinalRollout.kl` (:attr:`prelogit.sampling.Generation.kl`),
-  :attr:`MISVOIteration.kl` (and its mean ``kl_mean``; :func:`prelogit.misvo.sequence_kl`), and so
-  the ``kl`` of ``aisp_curve``'s rows when the MISVO stage builds them from MISVO records;
-- the best-of-N bound log N - (N - 1) / N (:func:`prelogit.theory.kl_best_of_n`): the ``kl`` of
+- ``kl_control``: the control-space KL(Q_U || P) = ||U||^2 / (2 sigma^2) of a Gaussian proposal
+  mean U (:func:`prelogit.theory.kl_to_base`): :attr:`AISPIteration.kl_control` (and
+  ``kl_control_final`` of :class:`AISPRecord`, the same quantity for the final U), and so the
+  ``kl_control`` of :func:`prelogit.runs.aisp_curve`'s rows built from AISP records;
+- ``kl_sequence``: Monte-Carlo terms of the sequence-level KL(pi || pi_ref) of a steered policy
+  against the base model, each the exact token-level KL summed over one response's tokens:
+  :attr:`AISPFinalRollout.kl_sequence` and :attr:`MISVOFinalRollout.kl_sequence`
+  (:attr:`prelogit.sampling.Generation.kl`), :attr:`MISVOIteration.kl_sequence` (and its mean
+  ``kl_sequence_mean``; :func:`prelogit.misvo.sequence_kl`), the ARGS and RE-Control records'
+  ``kl_sequence`` (greedy: -log pi_ref(y), exact), and so the ``kl_sequence`` of ``aisp_curve``'s
+  rows when the MISVO stage builds them from MISVO records;
+- ``kl_bound``: the best-of-N bound log N - (N - 1) / N (:func:`prelogit.theory.kl_best_of_n`) of
   :func:`prelogit.runs.bon_curve`'s rows.
 
-Separating these keys (and ``final_rollout``, a bool in a config and a dict in a record) is left
-for that re-run. ``tests/test_records.py`` checks that real records have exactly the keys declared
-here.
+``tests/test_records.py`` checks that real records have exactly the keys declared here.
 """
 
 from typing import Literal, NotRequired, TypedDict
@@ -131,7 +129,7 @@ class AISPIteration(TypedDict):
         ``"absolute"``) or ``lam`` times the chain's population sd of its n rewards, floored at 1e-8 (``"std"``).
     U_norm: (B,) ||U|| (Frobenius norm of the (tau, d) mean, pre-logit units) of each chain's mean
         *after* this iteration's update.
-    kl: (B,) per chain, the control-space KL(Q_U || P) = ||U||^2 / (2 sigma^2), in nats, of the
+    kl_control: (B,) per chain, the control-space KL(Q_U || P) = ||U||^2 / (2 sigma^2), in nats, of the
         Gaussian proposal Q_U = N(U, sigma^2 I) against P = N(0, sigma^2 I)
         (:func:`prelogit.theory.kl_to_base`), for the mean U *after* this iteration's update, i.e.
         the proposal of iteration k + 1, not the one that drew this iteration's samples. Not a KL
@@ -154,7 +152,7 @@ class AISPIteration(TypedDict):
     ess: list[float]
     lam_eff: list[float]
     U_norm: list[float]
-    kl: list[float]
+    kl_control: list[float]
     sd_reward_term: list[float]
     sd_lr_term: list[float]
     best_so_far: AISPBest
@@ -164,7 +162,7 @@ class AISPFinalRollout(TypedDict):
     """One response per chain generated from the chain's final mean U without noise (logged, never selected).
 
     responses: (B,) the decoded responses. rewards: (B,) their rewards, reward units.
-    kl: (B,) per response, :attr:`prelogit.sampling.Generation.kl`: the sum over its generated
+    kl_sequence: (B,) per response, :attr:`prelogit.sampling.Generation.kl`: the sum over its generated
         tokens (EOS included) of the exact token-level KL(q_t || p_t), in nats, between the steered
         next-token distribution q_t and the unsteered model's sampling distribution p_t
         (temperature, top-k and top-p applied) on the same prefix. With ``sample`` decoding it is
@@ -172,12 +170,12 @@ class AISPFinalRollout(TypedDict):
         estimates it); with ``greedy`` decoding q_t is a point mass and the term is
         -log pi_ref(y), the exact KL of that deterministic policy. +inf where q_t puts mass on a
         token that top-k or top-p removed from p_t. Not the control-space KL of
-        :attr:`AISPIteration.kl`.
+        :attr:`AISPIteration.kl_control`.
     """
 
     responses: list[str]
     rewards: list[float]
-    kl: list[float]
+    kl_sequence: list[float]
 
 
 class AISPRecord(TypedDict):
@@ -190,9 +188,9 @@ class AISPRecord(TypedDict):
     iterations: (K,) one :class:`AISPIteration` per iteration.
     final_rollout: :class:`AISPFinalRollout` (sequence-level Monte-Carlo KL terms), or None when
         ``config["final_rollout"]`` is False.
-    kl_final: (B,) per chain, the control-space KL(Q_U || P) = ||U||^2 / (2 sigma^2), in nats, of
+    kl_control_final: (B,) per chain, the control-space KL(Q_U || P) = ||U||^2 / (2 sigma^2), in nats, of
         the final mean U (:func:`prelogit.theory.kl_to_base`): the same quantity for the same U as
-        the last iteration's ``kl``.
+        the last iteration's ``kl_control``.
     cost: the compute spent on this prompt (:class:`CostRecord`).
     prompt_id: the prompt's id; filled by :func:`prelogit.runs.aisp_records` (and the stages),
         not by the engine.
@@ -211,7 +209,7 @@ class AISPRecord(TypedDict):
     best: AISPBest
     iterations: list[AISPIteration]
     final_rollout: AISPFinalRollout | None
-    kl_final: list[float]
+    kl_control_final: list[float]
     cost: CostRecord
     prompt_id: NotRequired[str]
     prompt: NotRequired[str]
@@ -316,13 +314,13 @@ class MISVOIteration(TypedDict):
     u_norm: ||u|| (Frobenius norm of the (T, d) steering, pre-logit units) of the control these
         responses were drawn with (before the update; 0 at step 1).
     grad_norm: ||g|| of the leave-one-out score-function gradient (:func:`prelogit.misvo.score_gradient`).
-    kl: (K,) per response, the sum over its generated tokens (EOS included) of the exact
+    kl_sequence: (K,) per response, the sum over its generated tokens (EOS included) of the exact
         token-level KL(pi_u || pi_ref) at the sampler's temperature, untruncated (MISVO runs with
         top-k and top-p off), in nats (:func:`prelogit.misvo.sequence_kl`): one Monte-Carlo term of
         the sequence-level KL of the policy that drew this step's responses (u before the
         update; 0 at step 1, where u = 0). Computed by MISVO from the recorded pre-logits, not
         by the sampler; not a control-space KL.
-    kl_mean: the mean of ``kl`` over the K responses (the Monte-Carlo estimate), nats.
+    kl_sequence_mean: the mean of ``kl_sequence`` over the K responses (the Monte-Carlo estimate), nats.
     best_so_far: a copy of the run's :class:`MISVOBest` after this step.
     u_norm_next: ||u|| after this step's update, pre-logit units.
     """
@@ -334,8 +332,8 @@ class MISVOIteration(TypedDict):
     lengths: list[int]
     u_norm: float
     grad_norm: float
-    kl: list[float]
-    kl_mean: float
+    kl_sequence: list[float]
+    kl_sequence_mean: float
     best_so_far: MISVOBest
     u_norm_next: float
 
@@ -344,15 +342,15 @@ class MISVOFinalRollout(TypedDict):
     """One response generated (sampled) from the final u (logged, never selected).
 
     responses: (1,) the decoded response. rewards: (1,) its reward, reward units.
-    kl: (1,) :attr:`prelogit.sampling.Generation.kl` of the response, recorded by the sampler: the
+    kl_sequence: (1,) :attr:`prelogit.sampling.Generation.kl` of the response, recorded by the sampler: the
         sum over its tokens of the exact token-level KL(pi_u || pi_ref), nats, one Monte-Carlo
-        term of the sequence-level KL (as :attr:`AISPFinalRollout.kl`, with ``sample`` decoding).
+        term of the sequence-level KL (as :attr:`AISPFinalRollout.kl_sequence`, with ``sample`` decoding).
     u_norm: ||u|| of the final steering, pre-logit units.
     """
 
     responses: list[str]
     rewards: list[float]
-    kl: list[float]
+    kl_sequence: list[float]
     u_norm: float
 
 
@@ -397,18 +395,23 @@ SearchRecord = AISPRecord | MISVORecord
 #: - ``reward`` (float, reward units): best-of-N: the unbiased estimate of E[reward of the best of
 #:   N draws] (:func:`prelogit.metrics.expected_best_of_n`); AISP (and MISVO): the best-so-far
 #:   reward after the iteration whose ``samples_so_far`` is N.
-#: - ``kl`` (float, nats), whose meaning depends on the producer: best-of-N: the bound
+#: - one KL (float, nats), under the key of its kind: ``kl_bound`` (best-of-N): the bound
 #:   log N - (N - 1) / N (:func:`prelogit.theory.kl_best_of_n`), the same for every prompt;
-#:   AISP records: the mean over chains of the iteration's control-space KL(Q_U || P) of the mean
-#:   after the update (:attr:`AISPIteration.kl`); MISVO records: the mean over the step's K
-#:   responses of the Monte-Carlo sequence-level KL terms (:attr:`MISVOIteration.kl`).
+#:   ``kl_control`` (AISP records): the mean over chains of the iteration's control-space
+#:   KL(Q_U || P) of the mean after the update (:attr:`AISPIteration.kl_control`); ``kl_sequence``
+#:   (MISVO records): the mean over the step's K responses of the Monte-Carlo sequence-level KL
+#:   terms (:attr:`MISVOIteration.kl_sequence`).
 #: - one float per judge name: best-of-N: the expected judge score of the reward-selected draw;
 #:   AISP / MISVO: the judge's score of the best-so-far response.
 #: - ``reading`` (str): the decoding given V, added by :func:`prelogit.replicate.run_seed`'s curves and
 #:   the aisp and transfer notebooks; ``lit_lam`` (float): added by the aisp notebook's literature curves.
 CurveRow = dict[str, float | int | str]
 
+#: The keys of a curve row that are not a judge's name: its fixed keys, the three KL keys (a row has
+#: one) and the labels some stages add (:func:`prelogit.runs.curve_judges`).
+CURVE_KEYS = frozenset({"N", "prompt_id", "reward", "kl_bound", "kl_control", "kl_sequence", "reading", "lit_lam"})
+
 
 __all__ = ["CostRecord", "AISPConfigDict", "AISPBest", "AISPIteration", "AISPFinalRollout", "AISPRecord",
            "BestOfNBest", "BestOfNRecord", "MISVOConfigDict", "MISVOBest", "MISVOIteration", "MISVOFinalRollout",
-           "MISVORecord", "SearchRecord", "CurveRow"]
+           "MISVORecord", "SearchRecord", "CurveRow", "CURVE_KEYS"]

@@ -207,7 +207,7 @@ def render_readme_block(results: str | Path = "results") -> str:
     lines.append("")
     lines.append(f"- Base model: mean reward {_fmt(fig['base_reward_mean'])}, within-prompt std {fig['base_reward_std']:.2f}.")
     lines.append(f"- Tuned AISP ({reading} reading): mean effective sample size {why['ess_mean']:.2f} of n = {why['n']}; control-space "
-                 f"KL(Q_U||P) of the final mean {why['kl_final']:.0f} nats; sigma / pre-logit RMS = {why['sigma_over_rms']:.2f}"
+                 f"KL(Q_U||P) of the final mean {why['kl_control_final']:.0f} nats; sigma / pre-logit RMS = {why['sigma_over_rms']:.2f}"
                  + (f"; the control V explains {why['variance_share_V']:.0%} of the reward's variance at U = 0, token "
                     "sampling the rest" if why["variance_share_V"] is not None else "") + ".")
     if why.get("final_rollout_reward") is not None:

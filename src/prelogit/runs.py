@@ -18,7 +18,7 @@ from .io import read_jsonl
 from .metrics import bootstrap_ci, distinct_ngram_diversity, expected_best_of_n, paired_difference
 from .models import load_model
 from .params import Generation, Model, Reward
-from .records import AISPIteration, AISPRecord, BestOfNRecord, CurveRow, SearchRecord
+from .records import AISPIteration, AISPRecord, BestOfNRecord, CURVE_KEYS, CurveRow, MISVOIteration, SearchRecord
 from .rewards import build_judges, build_reward, judge_all, MiniLMEncoder, RewardModel
 from .sampling import PrelogitSampler
 from .shard import process_device, run_sharded
@@ -146,10 +146,10 @@ def one_response_summary(records: Sequence[Mapping[str, Any]], judges: Iterable[
     n = len(records)
     rewards = torch.tensor([r["reward"] for r in records])
     mean, lo, hi = bootstrap_ci(rewards, seed=seed)
-    kl_mean, kl_lo, kl_hi = bootstrap_ci(torch.tensor([r["kl"] for r in records]), seed=seed)
+    kl_mean, kl_lo, kl_hi = bootstrap_ci(torch.tensor([r["kl_sequence"] for r in records]), seed=seed)
     vs_greedy = paired_difference(rewards, torch.tensor([r["greedy_reward"] for r in records]), seed=seed)
     details = {
-        "n_prompts": n, "reward": mean, "reward_ci": [lo, hi], "kl": {"mean": kl_mean, "lo": kl_lo, "hi": kl_hi},
+        "n_prompts": n, "reward": mean, "reward_ci": [lo, hi], "kl_sequence": {"mean": kl_mean, "lo": kl_lo, "hi": kl_hi},
         "judges": {j: sum(r["judges"][j] for r in records) / n for j in judges},
         "diversity": distinct_ngram_diversity([r["response"] for r in records]),
         "deviation_rate": sum(r["deviation_rate"] for r in records) / n,
@@ -159,7 +159,7 @@ def one_response_summary(records: Sequence[Mapping[str, Any]], judges: Iterable[
         "cost_per_prompt": {key: sum(r["cost"][key] for r in records) / n for key in COST_KEYS},
     }
     headline = {"n_prompts": n, "reward": mean, "reward_lo": lo, "reward_hi": hi, "greedy_reward": details["greedy_reward"],
-                "vs_greedy": {"mean": vs_greedy.mean, "lo": vs_greedy.lo, "hi": vs_greedy.hi}, "kl": {"mean": kl_mean},
+                "vs_greedy": {"mean": vs_greedy.mean, "lo": vs_greedy.lo, "hi": vs_greedy.hi}, "kl_sequence": {"mean": kl_mean},
                 "judges": details["judges"], "deviation_rate": details["deviation_rate"], "diversity": details["diversity"]}
     return details, headline
 
@@ -201,7 +201,7 @@ def bon_curve(records: Sequence[BestOfNRecord], budgets: list[int]) -> list[Curv
 
     For the reward and for each judge, the judge's score of the reward-selected sample. A prompt
     with fewer than N samples has no row at N (the large budgets run on a subset of the prompts).
-    The rows' ``kl`` is best-of-N's bound log N - (N - 1) / N (:data:`prelogit.records.CurveRow`).
+    The rows' ``kl_bound`` is best-of-N's bound log N - (N - 1) / N (:data:`prelogit.records.CurveRow`).
     """
     rows: list[CurveRow] = []
     for N in budgets:
@@ -210,7 +210,7 @@ def bon_curve(records: Sequence[BestOfNRecord], budgets: list[int]) -> list[Curv
                 continue
             r = torch.tensor(rec["rewards"])
             row: CurveRow = {"N": N, "prompt_id": rec["prompt_id"], "reward": expected_best_of_n(r, N),
-                             "kl": kl_best_of_n(N)}
+                             "kl_bound": kl_best_of_n(N)}
             for name, vals in rec["judges"].items():
                 row[name] = expected_best_of_n(r, N, torch.tensor(vals))
             rows.append(row)
@@ -220,18 +220,27 @@ def bon_curve(records: Sequence[BestOfNRecord], budgets: list[int]) -> list[Curv
 def aisp_curve(records: Sequence[SearchRecord]) -> list[CurveRow]:
     """AISP's best-so-far after each iteration, per prompt: budget N = B * n * k.
 
-    Also MISVO's after each step (the misvo stage), N = K * k. The rows' ``kl`` is the mean of the
-    iteration's ``kl``: for AISP records a control-space KL, for MISVO records a Monte-Carlo
-    sequence-level KL (:data:`prelogit.records.CurveRow`).
+    Also MISVO's after each step (the misvo stage), N = K * k. A row carries the mean over the
+    iteration's chains (AISP) or responses (MISVO) of the one KL its record has: ``kl_control`` for
+    AISP records, ``kl_sequence`` for MISVO records (:data:`prelogit.records.CurveRow`).
     """
     rows: list[CurveRow] = []
     for rec in records:
         for it, judged in zip(rec["iterations"], rec["best_so_far_judges"]):
+            if "kl_control" in it:
+                key, values = "kl_control", cast(AISPIteration, it)["kl_control"]
+            else:
+                key, values = "kl_sequence", cast(MISVOIteration, it)["kl_sequence"]
             row: CurveRow = {"N": it["samples_so_far"], "prompt_id": rec["prompt_id"],
-                             "reward": it["best_so_far"]["reward"], "kl": float(sum(it["kl"]) / len(it["kl"]))}
+                             "reward": it["best_so_far"]["reward"], key: float(sum(values) / len(values))}
             row.update(judged)
             rows.append(row)
     return rows
+
+
+def curve_judges(row: CurveRow) -> list[str]:
+    """The judges' names among a curve row's keys: every key but the fixed ones, the KLs and the labels."""
+    return [k for k in row if k not in CURVE_KEYS]
 
 
 def reading_curve(records: Sequence[AISPRecord]) -> list[CurveRow]:
@@ -280,5 +289,5 @@ def by_iteration(records: Sequence[AISPRecord], ids: set[str] | None = None) -> 
 
 
 __all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "one_response_summary", "prompt_records", "best_of_n_records",
-           "aisp_records", "aisp_and_twins", "bon_curve", "aisp_curve", "reading_curve", "mean_by",
+           "aisp_records", "aisp_and_twins", "bon_curve", "aisp_curve", "reading_curve", "curve_judges", "mean_by",
            "by_iteration", "distinct_ngram_diversity"]

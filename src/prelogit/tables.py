@@ -3,7 +3,8 @@ policy on one KL scale (``kl.md``).
 
 Inputs are the stages' records (``samples.jsonl``: one record per prompt, with ``prompt_id``,
 ``responses``, ``rewards`` and ``lengths``, or ``iterations`` for a sequential search) and curves
-(``curve.json`` rows ``{"N", "prompt_id", "reward", "kl", <judges>}``). Rewards are in the reward
+(``curve.json`` rows ``{"N", "prompt_id", "reward", <its KL>, <judges>}``, whose KL is ``kl_bound``,
+``kl_control`` or ``kl_sequence``: :data:`prelogit.records.CurveRow`). Rewards are in the reward
 model's units, KL in nats, costs per prompt.
 """
 
@@ -60,7 +61,7 @@ def method_row(method: str, N: int | None, prompts: int, rows: Sequence[Mapping]
     """One row of the method table from a curve's rows at budget N (one per prompt).
 
     The reward's mean and interval and the judges' means are over the rows; ``kl`` is the caller's
-    (the rows' mean ``kl`` for best-of-N, AISP and MISVO; None where the curve has no KL).
+    (the rows' mean KL of ``kl_kind`` for best-of-N, AISP and MISVO; None where the curve has no KL).
     """
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kl_kind!r}")
@@ -75,8 +76,9 @@ def _at(curve: Sequence[Mapping], N: int, ids: Sequence[str] | None = None) -> l
     return [r for r in curve if r["N"] == N and (keep is None or r["prompt_id"] in keep)]
 
 
-def _mean_kl(rows: Sequence[Mapping]) -> float:
-    return float(np.mean([r["kl"] for r in rows]))
+def _mean_kl(rows: Sequence[Mapping], kind: str) -> float:
+    """The mean over curve rows of their KL of one kind (``kl_bound``, ``kl_control``, ``kl_sequence``)."""
+    return float(np.mean([r[f"kl_{kind}"] for r in rows]))
 
 
 def method_table(*, budgets: Sequence[int], judges: Sequence[str], batch_size: int, ci: Mapping,
@@ -107,11 +109,11 @@ def method_table(*, budgets: Sequence[int], judges: Sequence[str], batch_size: i
         ids = [r["prompt_id"] for r in searches[0][1] if r["N"] == N]
         table.append(method_row("best-of-N", N, len(ids), _at(bon_curve, N, ids), judges,
                                 diversity_of(best_of_first(bon_by_id[i], N) for i in ids), "bound",
-                                bon_forward_calls(bon_by_id, N, ids, batch_size), N, _mean_kl(_at(bon_curve, N, ids)), ci))
+                                bon_forward_calls(bon_by_id, N, ids, batch_size), N, _mean_kl(_at(bon_curve, N, ids), "bound"), ci))
         for name, curve, by_id in searches:
             rows = _at(curve, N, ids)
             table.append(method_row(name, N, len(ids), rows, judges, diversity_of(search_answer(by_id[i], N) for i in ids),
-                                    "control", search_forward_calls(by_id, N, ids), N, _mean_kl(rows), ci))
+                                    "control", search_forward_calls(by_id, N, ids), N, _mean_kl(rows, "control"), ci))
     if sampler is not None:
         name, curve, by_id = sampler
         for N in sorted({r["N"] for r in curve} & set(budgets)):
@@ -125,17 +127,17 @@ def method_table(*, budgets: Sequence[int], judges: Sequence[str], batch_size: i
             rows = _at(curve, N)
             table.append(method_row("MISVO", N, len(rows), rows, judges,
                                     diversity_of(search_answer(by_id[r["prompt_id"]], N) for r in rows), "sequence",
-                                    search_forward_calls(by_id, N, [r["prompt_id"] for r in rows]), N, _mean_kl(rows), ci))
+                                    search_forward_calls(by_id, N, [r["prompt_id"] for r in rows]), N, _mean_kl(rows, "sequence"), ci))
     if literature is not None:
         lit_N, lams, curve = literature
         for lam in lams:
             rows = [r for r in curve if r["lit_lam"] == lam and r["N"] == lit_N]
             table.append(method_row(f"AISP (literature, lambda = {lam})", lit_N, len(rows), rows, judges, None, "control",
-                                    None, lit_N, _mean_kl(rows), ci))
+                                    None, lit_N, _mean_kl(rows, "control"), ci))
     for name, (m, samples) in (baselines or {}).items():
         mean, lo, hi = bootstrap_ci(torch.tensor([r["reward"] for r in samples]), **ci)
         table.append({"method": name, "N": None, "prompts": len(samples), "reward": mean, "lo": lo, "hi": hi,
-                      **m["judges"], "diversity": m["diversity"], "kl": m["kl"]["mean"], "kl_kind": "sequence",
+                      **m["judges"], "diversity": m["diversity"], "kl": m["kl_sequence"]["mean"], "kl_kind": "sequence",
                       "forward_calls": m["cost_per_prompt"]["forward_calls"],
                       "reward_calls": m["cost_per_prompt"]["reward_calls"]})
     return table
@@ -174,7 +176,7 @@ def final_policy(samples: Sequence[Mapping], ci: Mapping) -> tuple[tuple | None,
     """(reward, KL, prompts) of the policy steered by a search's final control, one response per prompt."""
     recs = [r for r in samples if r.get("final_rollout")]
     return (point([x for r in recs for x in r["final_rollout"]["rewards"]], ci),
-            point([x for r in recs for x in r["final_rollout"]["kl"]], ci), len(recs))
+            point([x for r in recs for x in r["final_rollout"]["kl_sequence"]], ci), len(recs))
 
 
 def kl_table(*, ci: Mapping, bon_samples: Sequence[Mapping], bon_curve: Sequence[Mapping], full_budgets: Sequence[int],
@@ -207,7 +209,7 @@ def kl_table(*, ci: Mapping, bon_samples: Sequence[Mapping], bon_curve: Sequence
             table.append({"policy": label, "prompts": n, "reward": rw, "kl": kl, "kind": "Monte Carlo"})
     for name, samples in (baselines or {}).items():
         table.append({"policy": f"{name} (greedy: -log pi_ref(y))", "prompts": len(samples),
-                      "reward": point([r["reward"] for r in samples], ci), "kl": point([r["kl"] for r in samples], ci),
+                      "reward": point([r["reward"] for r in samples], ci), "kl": point([r["kl_sequence"] for r in samples], ci),
                       "kind": "exact per response"})
     return table
 
@@ -231,10 +233,10 @@ def kl_table_markdown(table: Sequence[Mapping], level: float) -> str:
 
 
 def misvo_steps(samples: Sequence[Mapping]) -> list[dict]:
-    """MISVO's policy at each step: the mean over prompts of its K samples' mean reward and mean KL (nats)."""
+    """MISVO's policy at each step: the mean over prompts of its K samples' mean reward and mean sequence KL (``kl_sequence``, nats)."""
     steps = []
     for k in range(len(samples[0]["iterations"])):
         its = [r["iterations"][k] for r in samples]
         steps.append({"step": k + 1, "reward": float(np.mean([np.mean(it["rewards"]) for it in its])),
-                      "kl": float(np.mean([it["kl_mean"] for it in its]))})
+                      "kl_sequence": float(np.mean([it["kl_sequence_mean"] for it in its]))})
     return steps
