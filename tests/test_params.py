@@ -18,10 +18,15 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
 @pytest.mark.parametrize("stage", sorted(params.stages(ROOT)))
-def test_injected_keys_match_the_notebook_parameters_cell(stage):
+def test_parameters_cell_sets_the_stages_own_sections_only(stage):
+    """One source of truth per parameter: the cell holds the stage's own section (and the replicate stage's
+    smaller smoke search, a section it reads but another stage owns); the shared sections' smoke values live
+    in params.SMOKE_SHARED, the paths in dvc.yaml, and the stage injects all of them."""
+    spec = params.stages(ROOT)[stage]
     injected = set(params.stage_parameters(stage, PARAMS, ROOT))
     declared = set(pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb")))
-    assert injected == declared, {"not declared": injected - declared, "not injected": declared - injected}
+    assert declared == {s for s in spec.sections if s not in params.SMOKE_SHARED}, declared
+    assert declared <= injected and injected - declared == (set(spec.sections) & set(params.SMOKE_SHARED)) | set(spec.paths) | {"results_dir"}
 
 
 def test_injected_sections_are_params_yamls_whole_and_copies():
@@ -87,14 +92,33 @@ def test_no_dvc_yaml_names_the_fix(tmp_path):
         params.stages(tmp_path)
 
 
-def test_shared_sections_have_the_same_smoke_values_in_every_notebook():
-    seen = {}
-    for stage, spec in params.stages(ROOT).items():
-        nb = pm.inspect_notebook(str(ROOT / "notebooks" / f"{stage}.ipynb"))
+def test_smoke_shared_sections_are_complete_and_valid():
+    # every section that more than one stage reads and no notebook sets, with every key in params.yaml's order
+    read_by = {}
+    for spec in params.stages(ROOT).values():
         for section in spec.sections[1:]:
-            value = ast.literal_eval(nb[section]["default"])
-            assert list(value) == list(params.SCHEMA[section]), (stage, section)  # every key, in params.yaml's order
-            assert seen.setdefault(section, value) == value, (stage, section)
+            read_by.setdefault(section, 0)
+            read_by[section] += 1
+    assert set(params.SMOKE_SHARED) == {s for s, n in read_by.items() if n > 1 and s != "tune"}
+    for section, value in params.SMOKE_SHARED.items():
+        assert list(value) == list(params.SCHEMA[section]) == list(PARAMS[section]), section
+        params.SECTIONS[section].of({section: dict(value)})  # valid as it is
+    with pytest.raises(TypeError):
+        params.SMOKE_SHARED["model"]["threads"] = 2  # type: ignore[index]  # read-only: a notebook cannot change it for the next
+
+
+def test_open_notebook_takes_injected_values_and_falls_back_to_the_smoke_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "notebooks")  # where JupyterLab and nbval start the kernel; monkeypatch restores the cwd
+    own = {"aisp": PARAMS["aisp"]}
+    P = params.open_notebook("aisp", own)
+    assert Path.cwd() == ROOT and P.aisp.N == PARAMS["aisp"]["N"]
+    assert P.model == params.Model.of({"model": dict(params.SMOKE_SHARED["model"])})
+    assert P.prompts_path == Path("results/prepare/prompts.jsonl") and P.tuned_path == Path("results/tune/selected.json")
+    assert P.out == Path("results/_smoke/aisp")
+    injected = params.stage_parameters("aisp", PARAMS, ROOT)
+    Q = params.open_notebook("aisp", {**injected, "results_dir": str(tmp_path / "staging"), "tuned_path": "elsewhere.json"})
+    assert Q.model == params.Model.of(PARAMS) and Q.generation == params.Generation.of(PARAMS)
+    assert Q.out == tmp_path / "staging" and Q.tuned_path == Path("elsewhere.json")
 
 
 # Bad values on the command line (exit code, message, untouched output) are the table in
@@ -126,14 +150,16 @@ def test_notebook_check_sees_smoke_values():
     ns = {k: ast.literal_eval(v["default"]) for k, v in nb.items()}  # the parameters cell holds literals only
     P = params.check_notebook("aisp", ns)
     assert isinstance(P.aisp, params.AISP) and P.aisp.N == ns["aisp"]["N"]
-    assert isinstance(P.generation, params.Generation) and P.generation.max_new_tokens == ns["generation"]["max_new_tokens"]
+    smoke = params.SMOKE_SHARED["generation"]  # not in the cell: the shared smoke values
+    assert isinstance(P.generation, params.Generation) and P.generation.max_new_tokens == smoke["max_new_tokens"]
+    ns = {**ns, **{s: dict(v) for s, v in params.SMOKE_SHARED.items()}}
     with pytest.raises(ParameterError, match="aisp.lit_sigma"):
         params.check_notebook("aisp", {**ns, "aisp": {**ns["aisp"], "lit_sigma": 0}})
     with pytest.raises(ParameterError, match="aisp.lit_tau = 9 exceeds generation.max_new_tokens = 8"):
         params.check_notebook("aisp", {**ns, "aisp": {**ns["aisp"], "lit_tau": 9},
                                        "generation": {**ns["generation"], "max_new_tokens": 8}})
-    with pytest.raises(ParameterError, match="notebook parameter generation .* is not set"):
-        params.check_notebook("aisp", {k: v for k, v in ns.items() if k != "generation"})
+    with pytest.raises(ParameterError, match="notebook parameter aisp .* is not set: the parameters cell of notebooks/aisp.ipynb"):
+        params.check_notebook("aisp", {k: v for k, v in ns.items() if k != "aisp"})
     with pytest.raises(ParameterError, match="missing key model.dtype"):
         params.check_notebook("aisp", {**ns, "model": {k: v for k, v in ns["model"].items() if k != "dtype"}})
 

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.pipeline
 
 
 def smoke_params() -> dict:
-    """params.yaml rebuilt from the notebooks' parameters cells (the smoke configuration)."""
+    """params.yaml rebuilt from the smoke configuration: each stage's own section from its notebook's
+    parameters cell, the shared sections from params.SMOKE_SHARED."""
     out: dict = {}
     owned = {spec.sections[0] for spec in params.stages(ROOT).values()}
     for stage, spec in params.stages(ROOT).items():
@@ -45,7 +46,10 @@ def smoke_params() -> dict:
         for i, section in enumerate(spec.sections):
             if i > 0 and section in owned:  # a stage's own section takes its own notebook's smoke values (the replicate
                 continue                    # notebook reads the tune section too, with a smaller smoke search for nbval)
-            out.setdefault(section, ast.literal_eval(nb[section]["default"]))
+            if section in params.SMOKE_SHARED:
+                out.setdefault(section, dict(params.SMOKE_SHARED[section]))
+            else:
+                out.setdefault(section, ast.literal_eval(nb[section]["default"]))
     out["launch"] = {"launcher": "python", "num_processes": 1, "config_file": None}  # read by the wrapper only
     # share the converted model with the test session instead of converting it again
     out["model"]["cache_dir"] = str(Path(os.environ.get("PRELOGIT_CACHE", ROOT / "models")).resolve())

@@ -17,8 +17,8 @@ import torch
 from prelogit.aisp import AISPConfig, frozen_twin
 from prelogit.engine import prompt_generator
 from prelogit.metrics import distinct_ngram_diversity
-from prelogit.runs import (COST_KEYS, aisp_and_twins, aisp_curve, aisp_records, build_sampler, build_scorers,
-                           one_response_summary, prompt_records, reading_curve)
+from prelogit.runs import (COST_KEYS, aisp_and_twins, aisp_curve, aisp_records, build_models, build_sampler, build_scorers,
+                           one_response_lines, one_response_summary, prompt_records, reading_curve)
 from prelogit.sampling import PrelogitSampler
 from toy_rewards import VowelShare
 
@@ -453,3 +453,37 @@ def test_build_scorers_embedded_reads_the_head_and_shares_the_encoder(tmp_path):
     assert torch.equal(got, EmbeddingHeadReward(encoder, head).score(texts, texts))
     other, _, _ = build_scorers(spec, tmp_path / "other.safetensors")
     assert not torch.equal(other.score(texts, texts), got)
+
+
+def test_build_models_builds_the_sections_sampler_and_the_scorers_of_its_reward_head(tmp_path, tiny_lm, tokenizer):
+    """build_models(P): the sampler of P.model and P.generation, the reward of P.reward with P.reward_head_path,
+    the judges on the same encoder: what build_sampler and build_scorers give one by one."""
+    from types import SimpleNamespace
+
+    from prelogit.params import Generation, Model, Reward
+    from prelogit.rewards import save_head
+
+    folder = tmp_path / "tiny"
+    tiny_lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_head({"weight": torch.linspace(-1, 1, 384), "bias": torch.tensor([0.5])}, tmp_path / "head.safetensors")
+    P = SimpleNamespace(model=Model(name=str(folder), dtype="float32", device="cpu", cache_dir=str(tmp_path / "cache"),
+                                    threads=1, max_rows=3, device_map=None),
+                        generation=Generation(max_new_tokens=4, decode="greedy", temperature=1.0, top_k=0, top_p=1.0),
+                        reward=Reward(kind="embedded", name=None, dtype="float32"), reward_head_path=tmp_path / "head.safetensors")
+    sampler, seconds, reward, judges, encoder = build_models(P)
+    assert seconds > 0 and (sampler.max_new_tokens, sampler.decode, sampler.max_rows) == (4, "greedy", 3)
+    assert reward.encoder is encoder and judges["relevance"].encoder is encoder
+    texts = ["What a lovely day, thank you!"]
+    alone, _, _ = build_scorers(P.reward, P.reward_head_path)
+    assert torch.equal(reward.score(texts, texts), alone.score(texts, texts))
+
+
+def test_one_response_lines_read_the_summary():
+    details, _ = one_response_summary(summary_records(), ["a"], seed=0)
+    first, second = one_response_lines("ARGS-greedy", details)
+    lo, hi = details["reward_ci"]
+    assert first.startswith(f"ARGS-greedy: mean reward {details['reward']:+.3f} [{lo:+.3f}, {hi:+.3f}] over 12 prompts; ")
+    assert f"ARGS-greedy - greedy {details['vs_greedy']['mean']:+.3f}" in first
+    kl = details["kl_sequence"]
+    assert second.startswith("judges: {'a': ") and second.endswith(f"KL to the base model {kl['mean']:.2f} [{kl['lo']:.2f}, {kl['hi']:.2f}] nats")

@@ -18,17 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_select_per_reading_reproduces_the_tune_notebook(tmp_path):
     nb = ROOT / "notebooks" / "tune.ipynb"
-    p = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(nb)).items()}
-    cache = str(Path(os.environ.get("PRELOGIT_CACHE", ROOT / "models")).resolve())
+    p = {k: ast.literal_eval(v["default"]) for k, v in pm.inspect_notebook(str(nb)).items()}  # the tune section
+    model = {**params.SMOKE_SHARED["model"], "cache_dir": str(Path(os.environ.get("PRELOGIT_CACHE", ROOT / "models")).resolve())}
     pm.execute_notebook(str(nb), str(tmp_path / "tune.ipynb"), cwd=str(ROOT), progress_bar=False,
-                        parameters={"results_dir": str(tmp_path), "model": {**p["model"], "cache_dir": cache}})
+                        parameters={"results_dir": str(tmp_path), "model": model})
     selected = read_json(tmp_path / "selected.json")
 
-    P = params.check_notebook("tune", {**p, "model": {**p["model"], "cache_dir": cache}})
+    P = params.check_notebook("tune", {**p, "model": model})  # generation and reward: the smoke values, as in the notebook
     tune_params = asdict(P.tune)
-    rows = runs.load_prompts(ROOT / p["prompts_path"], "val", P.tune.n_prompts + P.tune.holdout_prompts)
+    paths = params.stages(ROOT)["tune"].paths
+    rows = runs.load_prompts(ROOT / paths["prompts_path"], "val", P.tune.n_prompts + P.tune.holdout_prompts)
     sampler, _ = runs.build_sampler(P.model, P.generation)
-    reward, _, _ = runs.build_scorers(P.reward, ROOT / p["reward_head_path"])
+    reward, _, _ = runs.build_scorers(P.reward, ROOT / paths["reward_head_path"])
     got = search.select_per_reading(sampler, reward, rows[:P.tune.n_prompts], rows[P.tune.n_prompts:], tune_params, P.tune.seed,
                                     P.generation.max_new_tokens)
 

@@ -9,6 +9,7 @@ tests kill ``_publish`` after every one of its renames in turn (the test-only ho
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -58,6 +59,24 @@ def test_success_moves_every_output_into_place_and_removes_staging(project):
     executed = (out / "figures.ipynb").read_text()
     assert "start_time" not in executed and ".staging" not in executed and '"id": "injected-parameters"' in executed
     assert not (project / "results" / ".staging").exists()
+
+
+def test_papermill_is_quiet_about_the_names_a_stage_injects_by_design(project, caplog):
+    """A parameters cell sets only the stage's own section; the paths and results folder are injected
+    all the same, without papermill's "unknown parameter" warning. Any other unknown name still warns."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell('figures = {"n_boot": 100}')
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("from pathlib import Path\nPath(results_dir, 'out.txt').write_text('ok')")]
+    nbformat.write(nb, str(project / "notebooks" / "figures.ipynb"))
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        assert stage.main(["figures"]) == 0
+    assert "unknown parameter" not in caplog.text
+    assert (project / "results" / "figures" / "out.txt").read_text() == "ok"
+    quiet = stage._DeclaredElsewhere({"results_dir"})
+    record = lambda name: logging.LogRecord("papermill", logging.WARNING, "", 0, f"Passed unknown parameter: {name}", None, None)  # noqa: E731
+    assert not quiet.filter(record("results_dir")) and quiet.filter(record("resluts_dir"))
 
 
 def test_notebook_failure_prints_its_error_last_and_touches_no_output(project, capsys):

@@ -399,6 +399,18 @@ class Figures(Section, section='figures'):
 #: The checks of every key of every section, derived from the section classes.
 SCHEMA: dict[str, dict[str, Check]] = {name: cls.checks() for name, cls in SECTIONS.items()}
 
+#: The smoke configuration of the sections that several stages read besides their own: the one place
+#: it is written. No notebook's parameters cell sets them; a stage run (papermill) injects
+#: params.yaml's sections, and where nothing is injected (nbval, JupyterLab) :func:`check_notebook`
+#: takes these: SmolLM2 on the CPU, 8 new tokens, the embedded reward.
+SMOKE_SHARED: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    "model": MappingProxyType({"name": "embedded", "dtype": "bfloat16", "device": "cpu", "cache_dir": "models",
+                               "threads": 1, "max_rows": 256, "device_map": None}),
+    "generation": MappingProxyType({"max_new_tokens": 8, "decode": "sample", "temperature": 1.0, "top_k": 0,
+                                    "top_p": 1.0}),
+    "reward": MappingProxyType({"kind": "embedded", "name": None, "dtype": "float32"}),
+})
+
 #: The file that declares the pipeline, in the project's root. Each notebook stage's sections, the files it
 #: reads and its outputs are written there once, and :func:`stages` reads them from it.
 PIPELINE_FILE = "dvc.yaml"
@@ -693,19 +705,52 @@ def enter_project_root() -> Path:
     return root
 
 
+#: Where a notebook writes when nothing was injected into it (nbval, JupyterLab): ``SMOKE_RESULTS/<stage>``,
+#: never a stage's own results folder. Git ignores it.
+SMOKE_RESULTS = "results/_smoke"
+
+
+def open_notebook(stage: str, namespace: Mapping[str, Any]) -> SimpleNamespace:
+    """What a stage's notebook runs with, after entering the project root: ``P = open_notebook("aisp", globals())``.
+
+    ``P`` holds the stage's sections, checked and typed (:func:`check_notebook`: ``P.aisp``,
+    ``P.model``, ...); the files it reads, under the names of its dvc.yaml ``meta.paths``
+    (``P.prompts_path``, ``P.tuned_path``, ..., as :class:`~pathlib.Path` relative to the root); and
+    ``P.out``, its results folder.
+
+    A notebook's parameters cell sets only its own section. A stage run (``python -m
+    prelogit.stage``) injects params.yaml's sections, the paths and a staging results folder after
+    it (:func:`stage_parameters`); a notebook run that nothing injected into (nbval, JupyterLab)
+    takes the shared sections' smoke values (:data:`SMOKE_SHARED`), dvc.yaml's paths and
+    ``SMOKE_RESULTS/<stage>``.
+    """
+    enter_project_root()
+    spec = stages()[stage]
+    P = check_notebook(stage, namespace)
+    for name, default in spec.paths.items():
+        setattr(P, name, Path(namespace.get(name) or default))
+    P.out = Path(namespace.get("results_dir") or f"{SMOKE_RESULTS}/{stage}")
+    return P
+
+
 def check_notebook(stage: str, namespace: Mapping[str, Any]) -> SimpleNamespace:
     """Validate a notebook's parameters (run as a cell right after the ``parameters`` cell) and return
     the stage's sections, typed, by name: ``p = check_notebook("aisp", globals())``, then ``p.aisp.N``
     (a :class:`AISP`), ``p.model.dtype`` (a :class:`Model`), and so on for every section it reads.
 
     Papermill injects values after the ``parameters`` cell, so this sees what the run will use,
-    smoke configuration included, and stops it with a message naming the parameter.
+    smoke configuration included, and stops it with a message naming the parameter. A shared section
+    that nothing injected (nbval, JupyterLab) takes its smoke values, :data:`SMOKE_SHARED`.
     """
     given: dict[str, Any] = {}
     for section in stages()[stage].sections:
-        if section not in namespace:
-            raise ParameterError(f"notebook parameter {section} (the params.yaml section {section}) is not set")
-        given[section] = namespace[section]
+        if section in namespace:
+            given[section] = namespace[section]
+        elif section in SMOKE_SHARED:
+            given[section] = dict(SMOKE_SHARED[section])
+        else:
+            raise ParameterError(f"notebook parameter {section} (the params.yaml section {section}) is not set: "
+                                 f"the parameters cell of notebooks/{stage}.ipynb declares it")
     typed = {section: SECTIONS[section].of(given) for section in given}
     check_across_sections(stage, given)
     return SimpleNamespace(**typed)

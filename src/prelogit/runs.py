@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from types import SimpleNamespace
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 
@@ -78,6 +79,26 @@ def build_scorers(reward: Reward, reward_head_path: str | Path,
     else:
         spec = {"kind": reward.kind, "name": reward.name, "dtype": reward.dtype, "device": device}
     return build_reward(spec, encoder=encoder, device=device), build_judges(encoder), encoder
+
+
+class StageModels(NamedTuple):
+    """A generating stage's sampler and scorers (:func:`build_models`)."""
+
+    sampler: PrelogitSampler
+    load_seconds: float
+    reward: RewardModel
+    judges: dict[str, RewardModel]
+    encoder: MiniLMEncoder
+
+
+def build_models(P: SimpleNamespace) -> StageModels:
+    """The sampler and scorers of a generating stage, from what its notebook runs with
+    (:func:`prelogit.params.open_notebook`): :func:`build_sampler` of ``P.model`` and
+    ``P.generation``, then :func:`build_scorers` of ``P.reward`` with ``P.reward_head_path``, on the
+    model's device. ``sampler, load_s, reward, judges, encoder = build_models(P)``."""
+    sampler, seconds = build_sampler(P.model, P.generation)
+    reward, judges, encoder = build_scorers(P.reward, P.reward_head_path, P.model.device)
+    return StageModels(sampler, seconds, reward, judges, encoder)
 
 
 def prompt_records(rows: list[dict], run: Callable[[list[str], list[str], list[torch.Generator]], list[R]], seed: int,
@@ -162,6 +183,18 @@ def one_response_summary(records: Sequence[Mapping[str, Any]], judges: Iterable[
                 "vs_greedy": {"mean": vs_greedy.mean, "lo": vs_greedy.lo, "hi": vs_greedy.hi}, "kl_sequence": {"mean": kl_mean},
                 "judges": details["judges"], "deviation_rate": details["deviation_rate"], "diversity": details["diversity"]}
     return details, headline
+
+
+def one_response_lines(method: str, details: Mapping[str, Any]) -> list[str]:
+    """Two lines that read :func:`one_response_summary`'s ``details`` (with ``n_prompts``) for a notebook:
+    the reward with its CI, the greedy reward and the paired difference; the judges, diversity,
+    deviation rate and the sequence KL to the base model with its CI (nats)."""
+    (lo, hi), d, kl = details["reward_ci"], details["vs_greedy"], details["kl_sequence"]
+    return [f"{method}: mean reward {details['reward']:+.3f} [{lo:+.3f}, {hi:+.3f}] over {details['n_prompts']} prompts; "
+            f"greedy {details['greedy_reward']:+.3f}; {method} - greedy {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]",
+            f"judges: { {j: round(v, 3) for j, v in details['judges'].items()} } diversity {details['diversity']:.3f}, "
+            f"deviation rate {details['deviation_rate']:.2f}, KL to the base model {kl['mean']:.2f} "
+            f"[{kl['lo']:.2f}, {kl['hi']:.2f}] nats"]
 
 
 def aisp_and_twins(sampler: PrelogitSampler, reward: RewardModel, judges: Mapping[str, RewardModel],
@@ -288,6 +321,8 @@ def by_iteration(records: Sequence[AISPRecord], ids: set[str] | None = None) -> 
             for k, v in sorted(its.items())}
 
 
-__all__ = ["load_prompts", "build_sampler", "build_scorers", "judge_all", "one_response_summary", "prompt_records", "best_of_n_records",
+__all__ = ["load_prompts", "build_sampler", "build_scorers", "StageModels", "build_models", "judge_all", "one_response_summary",
+           "one_response_lines",
+           "prompt_records", "best_of_n_records",
            "aisp_records", "aisp_and_twins", "bon_curve", "aisp_curve", "reading_curve", "curve_judges", "mean_by",
            "by_iteration", "distinct_ngram_diversity"]

@@ -134,6 +134,22 @@ KERNEL_STARTS = 3
 KERNEL_DIED = "Kernel died before replying to kernel_info"
 
 
+class _DeclaredElsewhere(logging.Filter):
+    """Drops papermill's "Passed unknown parameter: NAME" for the names a stage injects by design.
+
+    A notebook's parameters cell sets only its own section; the shared sections, the paths and the
+    results folder are injected all the same and read by :func:`prelogit.params.open_notebook`, so
+    papermill's warning about them says nothing. Any other unknown name still warns.
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__()
+        self.expected = {f"Passed unknown parameter: {name}" for name in names}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.expected
+
+
 def _execute(stage: str, parameters: dict, staging: Path) -> int:
     """Run the stage's notebook into ``staging`` (parameters, executed notebook, outputs); 0 on success.
 
@@ -153,6 +169,8 @@ def _execute(stage: str, parameters: dict, staging: Path) -> int:
     executed = staging / f"{stage}.ipynb"
     injected = dict(sorted({**parameters, "results_dir": str(staging)}.items()))  # sorted, as in params.yaml
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet = _DeclaredElsewhere(set(injected) - {params.stages()[stage].sections[0]})
+    logging.getLogger("papermill").addFilter(quiet)
     try:
         for attempt in range(1, KERNEL_STARTS + 1):
             try:
@@ -172,6 +190,8 @@ def _execute(stage: str, parameters: dict, staging: Path) -> int:
         print(f"results/{stage}/ is unchanged; the failed notebook is kept at {executed}", file=sys.stderr)
         print(f"error: stage {stage} failed in cell {cell}: {err.ename}: {message}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        logging.getLogger("papermill").removeFilter(quiet)
     scrub(executed)
     relocate(executed, str(staging), str(final))
     return 0
