@@ -52,7 +52,7 @@ def main(out: str, tokenizer_dir: str) -> None:
 
     def misvo(rs):
         p, u, g = args(rs)
-        return run_misvo_many(sampler, reward, p, u, MISVOConfig(eta=20.0, lam=1.0, K=2, N=2), g)
+        return run_misvo_many(sampler, reward, p, u, MISVOConfig(eta=20.0, lam=1.0, K=2, steps=2), g)
 
     results = {name: shard.run_sharded(rows, fn) for name, fn in (("bon", bon), ("aisp", aisp), ("misvo", misvo))}
     rank, size = shard.world()

@@ -34,15 +34,15 @@ def _log_pi(W, b, Z, u, tokens, lengths, temperature):
 
 # ---- config and advantages ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [("eta", 0.0), ("lam", -0.1), ("K", 1), ("N", 0), ("fisher", "diag"),
+@pytest.mark.parametrize("field, value", [("eta", 0.0), ("lam", -0.1), ("K", 1), ("steps", 0), ("fisher", "diag"),
                                           ("K", 2.5)])
 def test_config_rejects_bad_values_naming_the_parameter(field, value):
     with pytest.raises(ParameterError, match=field):
         MISVOConfig(**{field: value})
 
 
-def test_budget_is_K_times_N():
-    assert MISVOConfig(K=6, N=5).budget == 30 and MISVOConfig().budget == 32
+def test_budget_is_K_times_steps():
+    assert MISVOConfig(K=6, steps=5).budget == 30 and MISVOConfig().budget == 32
 
 
 def test_loo_advantages_by_hand():
@@ -218,7 +218,7 @@ def sampler(tiny_lm64, tokenizer):
 
 
 def test_record_is_consistent(sampler):
-    cfg = MISVOConfig(eta=50.0, lam=1.0, K=3, N=3)
+    cfg = MISVOConfig(eta=50.0, lam=1.0, K=3, steps=3)
     rec = run_misvo(sampler, Vowels(), PROMPT, PROMPT, cfg, prompt_generator(0, 0))
     assert rec["method"] == "misvo" and rec["samples_used"] == 9 == cfg.budget and len(rec["iterations"]) == 3
     its = rec["iterations"]
@@ -237,14 +237,14 @@ def test_record_is_consistent(sampler):
     assert len(fin["responses"]) == len(fin["rewards"]) == len(fin["kl_sequence"]) == 1 and fin["kl_sequence"][0] > 0
     assert fin["u_norm"] == its[-1]["u_norm_next"]
     assert rec["cost"]["generations"] == 10 and rec["cost"]["reward_calls"] == 10 and rec["cost"]["reward_batches"] == 4
-    off = run_misvo(sampler, Vowels(), PROMPT, PROMPT, MISVOConfig(eta=50.0, lam=1.0, K=3, N=3, final_rollout=False),
+    off = run_misvo(sampler, Vowels(), PROMPT, PROMPT, MISVOConfig(eta=50.0, lam=1.0, K=3, steps=3, final_rollout=False),
                     prompt_generator(0, 0))
     assert off["final_rollout"] is None and off["iterations"] == its and off["cost"]["generations"] == 9
 
 
 def test_first_step_is_best_of_K_and_its_update_is_eta_times_the_gradient(sampler):
     """Step 1 draws exactly best-of-K's samples (u = 0); u after it is eta * g (F u = 0 at u = 0)."""
-    cfg = MISVOConfig(eta=0.3, lam=1.0, K=4, N=1)
+    cfg = MISVOConfig(eta=0.3, lam=1.0, K=4, steps=1)
     rec = run_misvo(sampler, Vowels(), PROMPT, PROMPT, cfg, prompt_generator(2, "x"))
     bon = run_best_of_n(sampler, Vowels(), PROMPT, PROMPT, 4, prompt_generator(2, "x"))
     it = rec["iterations"][0]
@@ -261,7 +261,7 @@ def test_first_step_is_best_of_K_and_its_update_is_eta_times_the_gradient(sample
 def test_many_equals_each_prompt_alone(sampler):
     """Lockstep over several prompts gives each prompt its one-prompt record (float64 model), also
     reordered and with micro-batches that split a prompt's rows."""
-    cfg = MISVOConfig(eta=50.0, lam=1.0, K=3, N=3)
+    cfg = MISVOConfig(eta=50.0, lam=1.0, K=3, steps=3)
     keys = [f"p{i}" for i in range(len(MANY))]
     alone = [run_misvo(sampler, Vowels(), p, p, cfg, prompt_generator(4, k)) for p, k in zip(MANY, keys)]
     assert alone[0]["iterations"] != alone[1]["iterations"]
@@ -275,7 +275,7 @@ def test_many_equals_each_prompt_alone(sampler):
 
 
 def test_per_prompt_configs_and_ablations(sampler):
-    base = dict(eta=50.0, K=3, N=2)
+    base = dict(eta=50.0, K=3, steps=2)
     cfgs = [MISVOConfig(lam=1.0, **base), MISVOConfig(lam=0.0, **base), MISVOConfig(lam=1.0, fisher="identity", **base)]
     recs = run_misvo_many(sampler, Vowels(), [PROMPT] * 3, [PROMPT] * 3, cfgs,
                           [prompt_generator(1, "a") for _ in range(3)])
@@ -289,7 +289,7 @@ def test_per_prompt_configs_and_ablations(sampler):
     nxt = [r["iterations"][1]["u_norm_next"] for r in recs]
     assert len(set(nxt)) == 3
     with pytest.raises(ParameterError, match="must share K"):
-        run_misvo_many(sampler, Vowels(), [PROMPT] * 2, [PROMPT] * 2, [cfgs[0], MISVOConfig(K=4, N=2)],
+        run_misvo_many(sampler, Vowels(), [PROMPT] * 2, [PROMPT] * 2, [cfgs[0], MISVOConfig(K=4, steps=2)],
                        [prompt_generator(1, i) for i in range(2)])
 
 
@@ -298,7 +298,7 @@ def test_per_prompt_configs_and_ablations(sampler):
 def test_truncated_or_greedy_decoding_is_refused(tiny_lm64, tokenizer, kwargs, decode, match):
     s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=3, **kwargs)
     with pytest.raises(ParameterError, match=match):
-        run_misvo(s, Vowels(), PROMPT, PROMPT, MISVOConfig(K=2, N=1), prompt_generator(0, 0), decode=decode)
+        run_misvo(s, Vowels(), PROMPT, PROMPT, MISVOConfig(K=2, steps=1), prompt_generator(0, 0), decode=decode)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -308,7 +308,7 @@ def test_driver_follows_the_update_rule(tiny_lm64, tokenizer, temperature):
     the sampler's temperature in the score function, the Fisher and the KL."""
     sampler = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=5, temperature=temperature)
     eta, lam, K, N, T = 40.0, 10.0 * temperature**2, 3, 3, sampler.max_new_tokens
-    rec = run_misvo(sampler, Vowels(), PROMPT, PROMPT, MISVOConfig(eta=eta, lam=lam, K=K, N=N), prompt_generator(8, 0))
+    rec = run_misvo(sampler, Vowels(), PROMPT, PROMPT, MISVOConfig(eta=eta, lam=lam, K=K, steps=N), prompt_generator(8, 0))
     W = sampler.head.weight.detach().double()
     gen = prompt_generator(8, 0)
     u = torch.zeros(T, sampler.d, dtype=F64)

@@ -86,7 +86,7 @@ def test_best_of_n_and_sampler_records_have_the_declared_keys(sampler):
 
 
 def test_misvo_record_has_the_declared_keys(sampler):
-    cfg = MISVOConfig(eta=1.0, lam=1.0, K=2, N=2)
+    cfg = MISVOConfig(eta=1.0, lam=1.0, K=2, steps=2)
     rec = run_misvo(sampler, VowelShare(), PROMPT, PROMPT, cfg, prompt_generator(0, 0))
     assert_keys(rec, MISVORecord)
     assert_keys(rec["config"], MISVOConfigDict)
@@ -94,7 +94,7 @@ def test_misvo_record_has_the_declared_keys(sampler):
     assert_keys(rec["best"], MISVOBest)
     assert_keys(rec["cost"], CostRecord)
     assert_keys(rec["final_rollout"], MISVOFinalRollout)
-    assert len(rec["iterations"]) == cfg.N
+    assert len(rec["iterations"]) == cfg.steps
     for it in rec["iterations"]:
         assert_keys(it, MISVOIteration)
         assert_keys(it["best_so_far"], MISVOBest)

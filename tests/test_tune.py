@@ -271,9 +271,9 @@ def test_run_arms_runs_misvo_arms_beside_aisp_ones(tiny_lm64, tokenizer):
     """MISVO configs of two (K, N) groups mixed with an AISP arm: each pair's record is the one its own
     driver gives that prompt alone; MISVO arms that differ only in eta share their first step (CRN)."""
     s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=4, max_rows=5)
-    configs = [(MISVOConfig(eta=20.0, lam=1.0, K=2, N=2, final_rollout=False), "sample"),
-               (MISVOConfig(eta=60.0, lam=1.0, K=2, N=2, final_rollout=False), "sample"),
-               (MISVOConfig(eta=20.0, lam=0.0, K=4, N=1, fisher="identity", final_rollout=False), "sample"),
+    configs = [(MISVOConfig(eta=20.0, lam=1.0, K=2, steps=2, final_rollout=False), "sample"),
+               (MISVOConfig(eta=60.0, lam=1.0, K=2, steps=2, final_rollout=False), "sample"),
+               (MISVOConfig(eta=20.0, lam=0.0, K=4, steps=1, fisher="identity", final_rollout=False), "sample"),
                (arm_config(dict(CENTER, n=2, tau=2), rms=1.5, max_new_tokens=4, N=4), "sample")]
     rows = [{"id": f"q{i}", "prompt": t, "text": t} for i, t in enumerate(["Hi!", "I lost my keys again."])]
     pairs = [(i, pid) for i in range(4) for pid in ("q0", "q1")]
@@ -331,7 +331,7 @@ def test_run_pairs_in_one_process_is_run_arms(tiny_lm64, tokenizer):
     s = PrelogitSampler(tiny_lm64, tokenizer, max_new_tokens=4, max_rows=6)
     configs = [(arm_config(dict(CENTER, n=2, tau=2), rms=1.5, max_new_tokens=4, N=4), "sample"),
                (arm_config(dict(CENTER, n=4, tau=1), rms=1.5, max_new_tokens=4, N=4), "sample"),
-               (MISVOConfig(eta=20.0, lam=1.0, K=2, N=2, final_rollout=False), "sample")]
+               (MISVOConfig(eta=20.0, lam=1.0, K=2, steps=2, final_rollout=False), "sample")]
     rows = [{"id": f"q{i}", "prompt": t, "text": t} for i, t in enumerate(["Hi!", "I lost my keys again."])]
     pairs = [(2, "q1"), (1, "q0"), (0, "q1"), (2, "q0"), (0, "q0"), (1, "q0")]
     want = run_arms(s, VowelShare(), configs, rows, pairs, seed=5)

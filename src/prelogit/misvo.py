@@ -9,11 +9,11 @@ with z_t the unsteered pre-logit (the LM head's input) and W, b the LM head. MIS
 
     J(u) = E_{y ~ pi_u}[R(x, y)] - lam * 1/2 * sum_t u_t^T F_t u_t
 
-by stochastic gradient ascent: each of N steps samples K responses from pi_u, scores them, and
+by stochastic gradient ascent: each of ``steps`` steps samples K responses from pi_u, scores them, and
 moves ``u_t <- u_t + eta * (g_t - lam * F_t u_t)`` where g_t is the leave-one-out (LOO)
 score-function estimate of the reward gradient (:func:`score_gradient`) and F_t is the Fisher
 information of the *reference* policy (u = 0) at position t, averaged over the first step's
-rollouts (which are drawn with u = 0 and count in the K * N budget; :func:`fisher_vector_product`,
+rollouts (which are drawn with u = 0 and count in the K * steps budget; :func:`fisher_vector_product`,
 matrix-free). ``fisher="identity"`` replaces F_t by I (plain L2 penalty); ``lam = 0`` drops the
 penalty. The answer is the best response seen in any step, as for AISP.
 
@@ -59,7 +59,8 @@ class MISVOConfig:
 
     eta: learning rate of the gradient ascent on u (paper: 0.1). lam: weight lambda of the
     Fisher penalty lam/2 sum_t u_t^T F_t u_t, in reward units (paper: 1; 0 = unregularised).
-    K: responses per step (>= 2: the LOO baseline needs another sample). N: steps.
+    K: responses per step (>= 2: the LOO baseline needs another sample). steps: the number of
+    steps (the sample budget is K * steps, :attr:`budget`).
     fisher: ``"reference"`` (F_t of the reference policy, from the first step's rollouts) or
     ``"identity"`` (F_t = I, an ablation). final_rollout: also generate (and log, not select from)
     one response from the final u, with its sequence-level KL terms against the base model.
@@ -71,7 +72,7 @@ class MISVOConfig:
     eta: float = 0.1
     lam: float = 1.0
     K: int = 8
-    N: int = 4
+    steps: int = 4
     fisher: str = "reference"
     final_rollout: bool = True
 
@@ -79,13 +80,13 @@ class MISVOConfig:
         check_number("eta", self.eta, low=0, low_open=True)
         check_number("lam", self.lam, low=0)
         check_number("K", self.K, low=2, integer=True)
-        check_number("N", self.N, low=1, integer=True)
+        check_number("steps", self.steps, low=1, integer=True)
         check_choice("fisher", self.fisher, FISHERS)
 
     @property
     def budget(self) -> int:
-        """Samples drawn and scored, K * N (the first step's reference rollouts included)."""
-        return self.K * self.N
+        """Samples drawn and scored, K * steps (the first step's reference rollouts included)."""
+        return self.K * self.steps
 
 
 # ---- pure functions --------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def sequence_kl(W: torch.Tensor, b: torch.Tensor | None, Z: torch.Tensor, u: tor
 
 # ---- driver --------------------------------------------------------------------------------------------
 
-SHARED_FIELDS = ("K", "N", "final_rollout")
+SHARED_FIELDS = ("K", "steps", "final_rollout")
 
 
 def check_sampler_for_misvo(sampler: PrelogitSampler, decode: str | None = None) -> None:
@@ -305,17 +306,17 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
         sampler: the sampler; decode must be ``sample`` with top_k = 0 and top_p = 1 (its temperature applies).
         reward: the reward model that is optimised. prompts: templated prompts; user_texts: the
             raw user turns the reward sees. cfg: one :class:`MISVOConfig` or one per prompt (sharing
-            K, N and final_rollout).
+            K, steps and final_rollout).
         generators: one RNG per prompt. decode: overrides the sampler's decode mode (must be ``sample``).
     Returns:
-        Per prompt: ``method`` ("misvo"), ``config``, ``samples_used`` (K * N), ``best`` (reward,
-        response, step, index), ``iterations`` (per step k = 1..N: ``samples_so_far`` = K * k, the
+        Per prompt: ``method`` ("misvo"), ``config``, ``samples_used`` (K * steps), ``best`` (reward,
+        response, step, index), ``iterations`` (per step k = 1..steps: ``samples_so_far`` = K * k, the
         K rewards, responses and lengths, ``u_norm`` (||u|| of the control these samples were drawn
         with), ``grad_norm`` (||g||), ``u_norm_next`` (after the update), ``kl_sequence`` (the K per-sample
         Monte-Carlo terms of KL(pi_u || pi_ref) of this step's samples, see :func:`sequence_kl`;
         0 at step 1), ``kl_sequence_mean`` and ``best_so_far``), ``final_rollout`` (None, or the response
         generated from the final u, its reward and its ``kl_sequence`` term, recorded by the sampler), and
-        ``cost`` (as for AISP). ``best_so_far`` after step k is the answer of MISVO with N = k. Every
+        ``cost`` (as for AISP). ``best_so_far`` after step k is the answer of MISVO with steps = k. Every
         field, its shape and unit: :class:`prelogit.records.MISVORecord`.
     Raises:
         ParameterError: greedy decoding, top-k or top-p on, or bad configs.
@@ -324,7 +325,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     check_sampler_for_misvo(sampler, decode)
     P, d, T = len(prompts), sampler.d, sampler.max_new_tokens
     cfgs = per_prompt_configs(cfg, P, MISVOConfig, SHARED_FIELDS, "run_misvo_many")
-    K, N, final_rollout = cfgs[0].K, cfgs[0].N, cfgs[0].final_rollout
+    K, steps, final_rollout = cfgs[0].K, cfgs[0].steps, cfgs[0].final_rollout
     tau = sampler.temperature
     head = sampler.head
     # the precision the sampler drew in (float32 for float32/bf16/fp16 models), float64 for a float64 model
@@ -339,7 +340,7 @@ def run_misvo_many(sampler: PrelogitSampler, reward: RewardModel, prompts: Seque
     best: list[MISVOBest] = [cast(MISVOBest, {"reward": float("-inf"), "response": None, "step": None, "index": None})
                              for _ in range(P)]
     iterations: list[list[MISVOIteration]] = [[] for _ in range(P)]
-    for k in range(1, N + 1):
+    for k in range(1, steps + 1):
         # the control the sampler applies is u rounded to float32; the algebra uses that same value
         applied = [u.float() for u in U]
         gens = generate(sampler, pre, [K] * P, meters, controls=[a[None].expand(K, T, d).cpu() for a in applied],

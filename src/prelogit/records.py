@@ -278,7 +278,7 @@ class MISVOConfigDict(TypedDict):
     """A :class:`prelogit.misvo.MISVOConfig` as ``dataclasses.asdict`` writes it: a MISVO record's ``config``.
 
     eta: learning rate of the gradient ascent on u. lam: weight of the Fisher penalty, reward
-    units. K: responses per step. N: steps. fisher: ``"reference"`` or ``"identity"``.
+    units. K: responses per step. steps: the number of steps (budget K * steps). fisher: ``"reference"`` or ``"identity"``.
     final_rollout: whether the run also generated from the final u (the record's
     ``final_rollout`` is then a dict, else None).
     """
@@ -286,7 +286,7 @@ class MISVOConfigDict(TypedDict):
     eta: float
     lam: float
     K: int
-    N: int
+    steps: int
     fisher: str
     final_rollout: bool
 
@@ -294,7 +294,7 @@ class MISVOConfigDict(TypedDict):
 class MISVOBest(TypedDict):
     """The best response a MISVO run has seen: the record's ``best`` and each step's ``best_so_far``.
 
-    reward: its reward, reward units. response: its text. step: the step k (1..N) that drew it.
+    reward: its reward, reward units. response: its text. step: the step k (1..steps) that drew it.
     index: its position (0..K-1) among that step's K responses. A later draw replaces it only with
     a strictly higher reward.
     """
@@ -308,7 +308,7 @@ class MISVOBest(TypedDict):
 class MISVOIteration(TypedDict):
     """One MISVO step k of one prompt (K responses drawn with the current steering u): an entry of ``iterations``.
 
-    k: the step, 1..N. samples_so_far: K * k.
+    k: the step, 1..steps. samples_so_far: K * k.
     rewards: (K,) the reward of each response, reward units.
     responses: (K,) the decoded responses. lengths: (K,) generated tokens of each, EOS included.
     u_norm: ||u|| (Frobenius norm of the (T, d) steering, pre-logit units) of the control these
@@ -358,7 +358,7 @@ class MISVORecord(TypedDict):
     """One prompt's MISVO run: :func:`prelogit.misvo.run_misvo` (one per prompt from ``run_misvo_many``).
 
     method: ``"misvo"``. config: the run's configuration (:class:`MISVOConfigDict`).
-    samples_used: K * N (the first step's reference rollouts included).
+    samples_used: K * steps (the first step's reference rollouts included).
     best: the best response of all steps (:class:`MISVOBest`).
     iterations: (N,) one :class:`MISVOIteration` per step.
     final_rollout: :class:`MISVOFinalRollout`, or None when ``config["final_rollout"]`` is False.

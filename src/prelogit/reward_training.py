@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .checks import ParameterError, check_number
-from .rewards import MiniLMEncoder, _canonical_head, _vader, head_logits
+from .rewards import MiniLMEncoder, canonical_head, head_logits, vader_analyzer
 
 
 def vader_labelled_utterances(n: int, seed: int, threshold: float = 0.3,
@@ -44,7 +44,7 @@ def vader_labelled_utterances(n: int, seed: int, threshold: float = 0.3,
     if n % 2:
         raise ParameterError(f"n must be even so that the two classes are balanced, got {n}")
     pool = chitchat_utterances(None, seed, exclude_prompts=exclude_prompts)
-    analyzer = _vader()
+    analyzer = vader_analyzer()
     per_class = n // 2
     kept: list[tuple[str, int, float]] = []
     counts = [0, 0]
@@ -137,7 +137,7 @@ def train_reward_head(texts: Sequence[str] | None, labels: torch.Tensor | Sequen
 
     opt.step(closure)
     t_fit = time.perf_counter() - t1
-    head = _canonical_head({"weight": w, "bias": b})
+    head = canonical_head({"weight": w, "bias": b})
 
     with torch.no_grad():
         ltr, lva = head_logits(head, Xtr), head_logits(head, Xva)

@@ -166,7 +166,8 @@ class MiniLMEncoder:
 # ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
-def _vader() -> Any:
+def vader_analyzer() -> Any:
+    """VADER's ``SentimentIntensityAnalyzer``, built once per process (its lexicon takes a while to load)."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
@@ -174,7 +175,7 @@ def _vader() -> Any:
 
 def vader_compound(texts: Sequence[str]) -> torch.Tensor:
     """VADER compound sentiment of each text: (n,) float32 in [-1, 1]; 0 for an empty text."""
-    analyzer = _vader()
+    analyzer = vader_analyzer()
     return torch.tensor([analyzer.polarity_scores(str(t))["compound"] for t in texts], dtype=torch.float32)
 
 
@@ -208,7 +209,7 @@ def load_head(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise RewardError(f"reward head {path} is not a readable safetensors file ({err}); re-create it with the "
                           "prepare stage (dvc repro prepare)") from err
     _check_head(head, where=str(path))
-    return _canonical_head(head)
+    return canonical_head(head)
 
 
 def _check_head(head: dict[str, torch.Tensor], where: str = "head") -> None:
@@ -242,7 +243,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _canonical_head(head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def canonical_head(head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The one layout every head is used in: float32, CPU, no grad, contiguous, 64-byte aligned."""
     return {k: _aligned(head[k].detach().to("cpu", torch.float32)) for k in ("weight", "bias")}
 
@@ -277,7 +278,7 @@ class EmbeddingHeadReward:
             raise RewardError(f"reward head has {self.head['weight'].shape[0]} weights but the encoder embeds in "
                               f"{encoder.dim} dimensions; retrain the head with this encoder")
         # Loaded or fresh from training, the head is used in one layout (see head_logits).
-        self.head = _canonical_head(self.head)
+        self.head = canonical_head(self.head)
         self.name = name
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:

@@ -392,7 +392,7 @@ def _lockstep_key(cfg: AISPConfig | MISVOConfig, decode: str | None) -> tuple:
     """The fields one lockstep call must share (with the decode mode), method name first."""
     if isinstance(cfg, AISPConfig):
         return ("aisp", cfg.n, cfg.K, cfg.B, cfg.final_rollout, str(decode))
-    return ("misvo", cfg.K, cfg.N, cfg.final_rollout, str(decode))
+    return ("misvo", cfg.K, cfg.steps, cfg.final_rollout, str(decode))
 
 
 def _lockstep_groups(configs: list[tuple[AISPConfig | MISVOConfig, str | None]], pairs: Sequence[tuple[int, str]],
