@@ -154,8 +154,8 @@ def render_readme_block(results: str | Path = "results") -> str:
         lines.append(f"MISVO (Entesari et al. 2026) runs beside it on the first {ms['n_prompts']} test prompts at the same "
                      f"budget: successive halving over {ms['n_arms']} arms ({ms['evaluations']} arm-prompt runs) on "
                      f"{ms['val_prompts']} validation prompts selected `{ms['selected']}`, i.e. eta = {mc['eta']}, "
-                     f"lambda = {mc['lam']}, K = {mc['K']} samples per step for {mc['N']} steps, Fisher: {mc['fisher']} "
-                     f"(validation: MISVO - best-of-{mc['K'] * mc['N']} {fmt_interval(mv)}).")
+                     f"lambda = {mc['lam']}, K = {mc['K']} samples per step for {mc['steps']} steps, Fisher: {mc['fisher']} "
+                     f"(validation: MISVO - best-of-{mc['K'] * mc['steps']} {fmt_interval(mv)}).")
     ww = fig["what_wins"]
     one = []
     for r in fig["readings"]:
